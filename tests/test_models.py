@@ -1,0 +1,283 @@
+"""The networks against the paper: sizes, FLOPs, structure and behaviour."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resnet_jax
+from resnet_jax import models, summary
+
+
+def _shapes(name, **kw):
+  model = resnet_jax.create_model(name, **kw)
+  x = jax.ShapeDtypeStruct(models.default_input_shape(name), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def _init(name, batch=2, seed=0, **kw):
+  model = resnet_jax.create_model(name, **kw)
+  x = jax.random.normal(jax.random.key(seed + 1), models.default_input_shape(name, batch))
+  return model, model.init(jax.random.key(seed), x, train=False), x
+
+
+# --- The paper's numbers ---------------------------------------------------
+
+# Table 6: parameters at the table's rounding.
+@pytest.mark.parametrize('depth,millions', [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85),
+                                            (110, 1.7), (1202, 19.4)])
+def test_cifar_parameter_counts_match_table6(depth, millions):
+  params = summary.count_params(_shapes(f'cifar_resnet{depth}')['params'])
+  digits = 1 if millions >= 1 else 2
+  assert round(params / 1e6, digits) == millions
+
+
+def test_resnet20_has_exactly_269722_parameters():
+  assert summary.count_params(_shapes('cifar_resnet20')['params']) == 269_722
+
+
+@pytest.mark.parametrize('depth', models.CIFAR_PLAIN_DEPTHS)
+def test_plain_nets_have_the_parameters_of_their_option_a_resnets(depth):
+  plain = summary.count_params(_shapes(f'cifar_plain{depth}')['params'])
+  res = summary.count_params(_shapes(f'cifar_resnet{depth}', shortcut='A')['params'])
+  assert plain == res
+
+
+@pytest.mark.parametrize('name,count', [('resnet18', 11_689_512), ('resnet34', 21_797_672),
+                                        ('resnet50', 25_557_032), ('resnet101', 44_549_160),
+                                        ('resnet152', 60_192_808)])
+def test_imagenet_option_b_parameter_counts(name, count):
+  assert summary.count_params(_shapes(name)['params']) == count
+
+
+@pytest.mark.parametrize('name,paper', [('resnet18', 1.8e9), ('resnet34', 3.6e9),
+                                        ('resnet50', 3.8e9), ('resnet101', 7.6e9),
+                                        ('resnet152', 11.3e9), ('plain34', 3.6e9)])
+def test_multiply_adds_within_5_percent_of_table1(name, paper):
+  macs = summary.model_summary(name)['macs']
+  assert abs(macs - paper) / paper < 0.05, macs
+
+
+def test_v15_bottleneck_moves_the_stride_and_costs_more():
+  v1 = summary.model_summary('resnet50')['macs']
+  v15 = summary.model_summary('resnet50', stride_on_3x3=True)['macs']
+  # torchvision's v1.5 ResNet-50 is the familiar ~4.1 GMACs; v1 is ~3.86.
+  assert 4.0e9 < v15 < 4.2e9 and v1 < 3.9e9
+
+
+def _shortcut_modules(params):
+  return [k for k in jax.tree_util.tree_flatten_with_path(params)[0]
+          if any(getattr(p, 'key', None) == 'proj_conv' for p in k[0])]
+
+
+def test_option_a_has_no_shortcut_parameters_and_c_one_projection_per_block():
+  params_a = _shapes('resnet34', shortcut='A')['params']
+  params_b = _shapes('resnet34', shortcut='B')['params']
+  params_c = _shapes('resnet34', shortcut='C')['params']
+  blocks = sum((3, 4, 6, 3))
+  assert not _shortcut_modules(params_a)
+  assert len(_shortcut_modules(params_b)) == 3  # the three downsampling blocks
+  assert len(_shortcut_modules(params_c)) == blocks
+  assert summary.count_params(params_a) < summary.count_params(params_b) < summary.count_params(params_c)
+
+
+def test_list_models_names_every_network_of_the_paper():
+  expected = ([f'cifar_resnet{d}' for d in (20, 32, 44, 56, 110, 1202)]
+              + [f'cifar_plain{d}' for d in (20, 32, 44, 56, 110)]
+              + [f'resnet{d}' for d in (18, 34, 50, 101, 152)] + ['plain18', 'plain34'])
+  assert sorted(resnet_jax.list_models()) == sorted(expected)
+
+
+def test_errors_name_the_problem():
+  with pytest.raises(ValueError, match='6n\\+2'):
+    models.cifar_resnet(21)
+  with pytest.raises(ValueError, match='cifar_resnet110'):
+    resnet_jax.create_model('resnet_110')
+  with pytest.raises(ValueError, match="'D'"):
+    _init('cifar_resnet20', shortcut='D')
+
+
+def test_any_6n_plus_2_depth_builds():
+  params = summary.count_params(_shapes('cifar_resnet20')['params'])
+  model = models.cifar_resnet(14)
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  assert 0 < summary.count_params(v['params']) < params
+
+
+# --- Structure -------------------------------------------------------------
+
+def _reference_cifar_resnet8(variables, x):
+  """An independent forward pass of CIFAR ResNet-8 (n=1) written with lax only.
+
+  Checks padding (1 on every side, also at stride 2), option A (subsample +
+  symmetric zero channel padding), BN placement and the v1 block order.
+  """
+  p, s = variables['params'], variables['batch_stats']
+
+  def conv(x, k, stride):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def bn(x, pp, ss):
+    return (x - ss['mean']) / jnp.sqrt(ss['var'] + 1e-5) * pp['scale'] + pp['bias']
+
+  y = jax.nn.relu(bn(conv(x, p['stem_conv']['kernel'], 1), p['stem_bn'], s['stem_bn']))
+  for i, width in enumerate((16, 32, 64)):
+    name, stride = f'stage{i + 1}_block1', (1 if i == 0 else 2)
+    bp, bs = p[name], s[name]
+    h = jax.nn.relu(bn(conv(y, bp['conv1']['kernel'], stride), bp['bn1'], bs['bn1']))
+    h = bn(conv(h, bp['conv2']['kernel'], 1), bp['bn2'], bs['bn2'])
+    short = y[:, ::stride, ::stride, :]
+    extra = width - short.shape[-1]
+    short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    y = jax.nn.relu(h + short)
+  return y.mean((1, 2)) @ p['head']['kernel'] + p['head']['bias']
+
+
+def test_cifar_network_matches_an_independent_reference():
+  model = models.cifar_resnet(8)
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  # Non-trivial BN statistics and affine parameters, so BN placement matters.
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  variables = jax.tree.unflatten(tree, [
+      jnp.abs(l + 0.3 * jax.random.normal(k, l.shape)) + 0.1 for l, k in zip(leaves, keys)])
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, x),
+                             jax.jit(_reference_cifar_resnet8)(variables, x), rtol=1e-4, atol=1e-4)
+
+
+def test_imagenet_stem_downsamples_224_to_56_and_outputs_1000_classes():
+  model = resnet_jax.create_model('resnet18')
+  x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  (logits, state) = jax.eval_shape(
+      lambda v, x: model.apply(v, x, mutable=['intermediates']), v, x)
+  assert logits.shape == (2, 1000)
+  assert state['intermediates']['stem'][0].shape == (2, 56, 56, 64)
+  assert state['intermediates']['stage4'][0].shape == (2, 7, 7, 512)
+
+
+def _block_output(residual, x):
+  block = models.BasicBlock(
+      features=16, strides=1, residual=residual, shortcut='A',
+      conv=functools.partial(nn.Conv, use_bias=False),
+      norm=functools.partial(nn.BatchNorm, use_running_average=True))
+  v = block.init(jax.random.key(0), x)
+  # Zero the residual branch: the last BN outputs 0 whatever its input.
+  v = jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.zeros_like(a) if 'bn2' in str(path) and 'params' in str(path) else a, v)
+  return block.apply(v, x)
+
+
+def test_residual_block_with_zeroed_branch_is_the_identity_and_plain_block_is_not():
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 16)))  # block inputs are post-ReLU
+  np.testing.assert_allclose(_block_output(True, x), x, atol=1e-6)
+  assert not np.allclose(_block_output(False, x), x, atol=1e-3)
+
+
+# --- Behaviour -------------------------------------------------------------
+
+def test_output_shapes_and_train_mode_updates_batch_stats_only_when_training():
+  model, variables, x = _init('cifar_resnet20')
+  logits = model.apply(variables, x, train=False)
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+  logits_t, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert logits_t.shape == (2, 10)
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), variables['batch_stats'],
+                         updates['batch_stats'])
+  assert all(jax.tree.leaves(changed))
+  _, same = model.apply(variables, x, train=False, mutable=['batch_stats'])
+  jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'], same['batch_stats'])
+
+
+def test_functional_api_matches_the_module_and_is_jittable():
+  init_fn, apply_fn = resnet_jax.functional('cifar_resnet20')
+  variables = jax.jit(init_fn)(jax.random.key(0))
+  model = resnet_jax.create_model('cifar_resnet20')
+  ref = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  # Same draws; jit and eager may differ in the last bit of the normal sampler.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               variables, dict(ref))
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  np.testing.assert_allclose(jax.jit(apply_fn)(variables, x), model.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  logits, stats = jax.jit(functools.partial(apply_fn, train=True))(variables, x)
+  ref_logits, ref_updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               stats, ref_updates['batch_stats'])
+  assert init_fn(jax.random.key(0), (1, 24, 24, 3))['params']['head']['kernel'].shape == (64, 10)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
+  model, variables, x = _init('cifar_resnet20', dtype='bfloat16')
+  assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'])
+  assert logits.dtype == jnp.float32
+  assert updates['intermediates']['stem'][0].dtype == jnp.bfloat16
+  assert {a.dtype for a in jax.tree.leaves(updates['batch_stats'])} == {jnp.dtype(jnp.float32)}
+
+
+def test_zero_init_last_bn():
+  params = _init('cifar_resnet20', zero_init_last_bn=True)[1]['params']
+  assert not np.any(params['stage1_block1']['bn2']['scale'])
+  assert np.all(params['stage1_block1']['bn1']['scale'] == 1)
+
+
+def test_intermediates_hold_one_response_per_3x3_layer_and_pre_logits():
+  model, variables, x = _init('cifar_resnet20')
+  _, state = model.apply(variables, x, mutable=['intermediates'])
+  inter = state['intermediates']
+  responses = [k for block in inter if block.startswith('stage') and isinstance(inter[block], dict)
+               for k in inter[block]]
+  assert len(responses) == 6 * 3
+  assert inter['pre_logits'][0].shape == (2, 64)
+
+
+def test_ghost_batch_norm_over_the_whole_batch_equals_batch_norm():
+  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3 + 1
+  bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  v = bn.init(jax.random.key(0), x)
+  y_ref, s_ref = bn.apply(v, x, mutable=['batch_stats'])
+  ghost = models.GhostBatchNorm(group_size=8)
+  y, s = ghost.apply(v, x, mutable=['batch_stats'])
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), s, s_ref)
+  # Groups of 4: each half is normalised by its own statistics.
+  y4, _ = models.GhostBatchNorm(group_size=4).apply(v, x, mutable=['batch_stats'])
+  np.testing.assert_allclose(y4[:4], bn.apply(v, x[:4], mutable=['batch_stats'])[0], atol=1e-4)
+  assert not np.allclose(y4, y_ref, atol=1e-3)
+
+
+def test_ghost_batch_norm_in_a_model_trains_and_evaluates():
+  model, variables, x = _init('cifar_resnet20', batch=4, ghost_batch_size=2)
+  logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert logits.shape == (4, 10)
+  assert jax.tree.structure(updates['batch_stats']) == jax.tree.structure(variables['batch_stats'])
+
+
+def test_scanned_blocks_compute_the_same_function_with_the_same_parameters():
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  scanned = models.cifar_resnet(32, scan_blocks=True)
+  unrolled = models.cifar_resnet(32)
+  v = scanned.init(jax.random.key(0), x)
+  assert summary.count_params(v['params']) == 464_154
+  v_unrolled = models.unroll_scanned(dict(v))
+  assert jax.tree.structure(v_unrolled) == jax.tree.structure(dict(unrolled.init(jax.random.key(0), x)))
+  np.testing.assert_allclose(jax.jit(scanned.apply)(v, x), jax.jit(unrolled.apply)(v_unrolled, x),
+                             rtol=1e-5, atol=1e-5)
+  train = lambda m: jax.jit(functools.partial(m.apply, train=True, mutable=['batch_stats']))
+  y_s, u_s = train(scanned)(v, x)
+  y_u, u_u = train(unrolled)(v_unrolled, x)
+  np.testing.assert_allclose(y_s, y_u, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               models.unroll_scanned({'batch_stats': u_s['batch_stats']}),
+               {'batch_stats': u_u['batch_stats']})
+  remat = models.cifar_resnet(32, scan_blocks=True, remat=True)
+  grad = lambda m, v: jax.jit(jax.grad(lambda p: m.apply({**v, 'params': p}, x).sum()))(v['params'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               grad(remat, v), grad(scanned, v))
