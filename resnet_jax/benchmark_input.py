@@ -72,7 +72,8 @@ def random_jpegs(n: int, height: int = 375, width: int = 500, seed: int = 0) -> 
     low = rng.uniform(0, 255, (height // 16, width // 16, 3)).astype(np.float32)
     image = tf.image.resize(low, (height, width), method='bicubic')
     image += rng.normal(0, 8, (height, width, 3)).astype(np.float32)
-    out.append(tf.io.encode_jpeg(tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8), quality=90).numpy())
+    image = tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8)
+    out.append(tf.io.encode_jpeg(image, quality=90).numpy())
   return out
 
 
@@ -125,7 +126,8 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', help='an experiment file with get_config()')
   parser.add_argument('--dataset', action='append', choices=('cifar10',) + OFFLINE,
                       help='repeatable; default: all offline benchmarks')
@@ -133,14 +135,18 @@ def main(argv=None):
   parser.add_argument('--warmup', type=int)
   parser.add_argument('--batch_size', type=int)
   args = parser.parse_args(argv)
+  warmup = 10 if args.warmup is None else args.warmup
   rows = []
-  if args.config:
-    config = _load_config(args.config)
-    if args.batch_size:
-      config.batch_size = args.batch_size
-    rows.append(pipeline_throughput(config, args.num_batches or 300, 10 if args.warmup is None else args.warmup))
-  for dataset in args.dataset or (() if args.config else OFFLINE):
-    rows.append(benchmark(dataset, args.num_batches, args.warmup, args.batch_size))
+  try:
+    if args.config:
+      config = _load_config(args.config)
+      if args.batch_size:
+        config.batch_size = args.batch_size
+      rows.append(pipeline_throughput(config, args.num_batches or 300, warmup))
+    for dataset in args.dataset or (() if args.config else OFFLINE):
+      rows.append(benchmark(dataset, args.num_batches, args.warmup, args.batch_size))
+  except data.DataError as e:
+    raise SystemExit(f'DataError: {e}') from e
   _print_table(rows)
   return rows
 

@@ -32,7 +32,6 @@ optionally divides by a standard deviation) only, as in the paper.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
@@ -44,7 +43,7 @@ import socket
 import threading
 import types
 import urllib.parse
-from typing import Callable, Iterator
+from typing import Iterator
 
 from absl import logging
 import numpy as np
@@ -92,7 +91,6 @@ _KNOWN_SPLITS = {
     'imagenet2012': {'train': 1_281_167, 'validation': 50_000},
 }
 _NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet2012': 1000, 'digits': 10}
-_DIGITS_SIZE = 1797
 _NORMALIZATIONS = ('pixel_mean', 'channel_mean', 'channel_mean_std')
 
 # Independent random streams derived from config.seed.
@@ -180,8 +178,9 @@ class DataSource:
 
   def _eval_positions(self, num_examples: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(indices, mask) of this process's rows of each padded global eval batch."""
+    rows = np.arange(self.eval_batch_size)[self._local(self.eval_batch_size)]
     for b in range(math.ceil(num_examples / self.eval_batch_size)):
-      pos = b * self.eval_batch_size + np.arange(self.eval_batch_size)[self._local(self.eval_batch_size)]
+      pos = b * self.eval_batch_size + rows
       mask = pos < num_examples
       yield np.where(mask, pos, 0), mask
 
@@ -231,7 +230,7 @@ def _check_config(config, process_index, process_count):
       raise DataError(
           f'config.{key}={size} must be a positive multiple of the number of '
           f'processes ({process_count}): every process takes an equal share of '
-          f'each global batch. Use e.g. {key}={max(1, size // process_count + 1) * process_count}.')
+          f'each global batch. Use e.g. {key}={(size // process_count + 1) * process_count}.')
   if d.normalization not in _NORMALIZATIONS:
     raise DataError(f'config.data.normalization={d.normalization!r}: use one of {_NORMALIZATIONS}.')
   if d.dataset == 'imagenet2012' and d.source != 'digits':
@@ -249,14 +248,16 @@ def _check_config(config, process_index, process_count):
 # In-memory datasets (CIFAR, digits): uint8 arrays, batches built in numpy.
 
 
-def augment_params(rng: np.random.Generator, batch: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+def augment_params(rng: np.random.Generator, batch: int,
+                   pad: int) -> tuple[np.ndarray, np.ndarray]:
   """Random crop corners in [0, 2*pad] (padded coordinates) and flip flags."""
   offsets = rng.integers(0, 2 * pad + 1, size=(batch, 2))
   flips = rng.random(batch) < 0.5
   return offsets, flips
 
 
-def crop_and_flip(images: np.ndarray, pad: int, offsets: np.ndarray, flips: np.ndarray) -> np.ndarray:
+def crop_and_flip(images: np.ndarray, pad: int, offsets: np.ndarray,
+                  flips: np.ndarray) -> np.ndarray:
   """Pads `images` [B, H, W, C] with `pad` zeros on every side, crops H x W at
   the top-left corners `offsets` [B, 2] of the padded image, flips where
   `flips` [B]. Same result as np.pad + slicing, but copies only the part of
@@ -286,12 +287,14 @@ def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
   n = len(images)
   pixel_mean = total / n
   channel_mean = pixel_mean.mean((0, 1))
-  channel_std = np.sqrt(np.maximum(total_sq / (n * np.prod(images.shape[1:3])) - channel_mean**2, 0))
+  mean_sq = total_sq / (n * np.prod(images.shape[1:3]))
+  channel_std = np.sqrt(np.maximum(mean_sq - channel_mean**2, 0))
   return dict(pixel_mean=pixel_mean, channel_mean=channel_mean,
               channel_std=channel_std, num_examples=np.array(n))
 
 
-def cached_image_statistics(images: np.ndarray, path: str | os.PathLike | None) -> dict[str, np.ndarray]:
+def cached_image_statistics(images: np.ndarray,
+                            path: str | os.PathLike | None) -> dict[str, np.ndarray]:
   """`image_statistics`, loaded from / saved to `path` (an .npz) when given."""
   if path is not None and os.path.exists(path):
     with np.load(path) as f:
@@ -325,7 +328,9 @@ class ArraySource(DataSource):
   """A dataset held in memory as uint8 arrays (CIFAR, digits).
 
   Training: per-pixel (or per-channel) mean subtraction, then pad with zeros,
-  random crop and random horizontal flip (the paper's CIFAR augmentation).
+  random crop and random horizontal flip (the paper's CIFAR augmentation; the
+  zeros are added after the mean subtraction, as in the reference Torch code,
+  so the border is "average colour", not black).
   Evaluation: the normalised original images.
   """
 
@@ -343,7 +348,8 @@ class ArraySource(DataSource):
     self._augment = config.data.augment
     self._pad = config.data.pad_pixels
     if not 0 <= self._pad < min(images.shape[1:3]):
-      raise DataError(f'config.data.pad_pixels={self._pad} must be in [0, {min(images.shape[1:3])}).')
+      raise DataError(f'config.data.pad_pixels={self._pad} must be in '
+                      f'[0, {min(images.shape[1:3])}).')
 
   def normalize(self, images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) - self._mean) * self._scale
@@ -462,7 +468,8 @@ def _digits_source(config, **kw) -> ArraySource:
   d = config.data
   arrays = _digits_arrays(d.digits_test_fraction)
   train = _resolve_split(d.train_split, arrays, 'train_split')
-  evals = {role: (split, *_resolve_split(split, arrays, key)) for role, split, key in _eval_roles(d)}
+  evals = {role: (split, *_resolve_split(split, arrays, key))
+           for role, split, key in _eval_roles(d)}
   # Tiny: the statistics are recomputed each time rather than cached on disk.
   return ArraySource(config, name='digits', train=train, evals=evals,
                      stats=image_statistics(train[0]), num_classes=10, **kw)
@@ -526,13 +533,23 @@ class SyntheticSource(DataSource):
 # ImageNet: tf.data decoding and augmentation.
 
 
-def _resize_shorter_side(image: tf.Tensor, size) -> tf.Tensor:
-  """Bilinear (antialiased) resize so that min(height, width) == size; float32."""
-  hw = tf.cast(tf.shape(image)[:2], tf.float32)
-  size = tf.cast(size, tf.float32)
-  new_hw = tf.maximum(tf.cast(tf.round(hw * size / tf.reduce_min(hw)), tf.int32),
-                      tf.cast(size, tf.int32))
-  return tf.image.resize(image, new_hw, method='bilinear', antialias=True)
+def _source_crop_size(hw: tf.Tensor, resize_to, size: int) -> tf.Tensor:
+  """Side, in source pixels, of the square that becomes a size x size crop
+  after resizing the image's shorter side to `resize_to`."""
+  shorter = tf.cast(tf.reduce_min(hw), tf.float32)
+  side = tf.round(size * shorter / tf.cast(resize_to, tf.float32))
+  return tf.cast(tf.clip_by_value(side, 1.0, shorter), tf.int32)
+
+
+def _decode_crop_resize(image_bytes: tf.Tensor, y, x, side, size: int) -> tf.Tensor:
+  """Decodes only the source square [y, y + side) x [x, x + side) of a JPEG and
+  resizes it to size x size (float32). Equal, up to rounding the square to
+  whole pixels, to resizing the whole image and then cropping, at a fraction
+  of the cost (ImageNet's scale augmentation resizes to up to 640x480 only to
+  keep 224x224 of it). Bilinear without antialiasing, like the reference
+  Caffe/Torch pipelines."""
+  image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, side, side]), channels=3)
+  return tf.image.resize(image, [size, size], method='bilinear')
 
 
 def pca_lighting(seed: tf.Tensor, std: float) -> tf.Tensor:
@@ -555,14 +572,16 @@ def imagenet_train_image(image_bytes: tf.Tensor, seed: tf.Tensor, d) -> tf.Tenso
   """Decode a JPEG, resize its shorter side to a random size in
   [min_resize, max_resize], take a random image_size crop, flip at random,
   add PCA lighting noise and normalise. `seed`: int64 [2] (stateless)."""
-  seeds = tf.random.experimental.stateless_split(seed, 4)
-  image = tf.io.decode_jpeg(image_bytes, channels=3)
-  size = tf.random.stateless_uniform([], seeds[0], d.min_resize, d.max_resize + 1, tf.int32)
-  image = _resize_shorter_side(image, size)
-  image = tf.image.stateless_random_crop(image, [d.image_size, d.image_size, 3], seeds[1])
-  image = tf.image.stateless_random_flip_left_right(image, seeds[2])
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  hw = tf.image.extract_jpeg_shape(image_bytes)[:2]
+  resize_to = tf.random.stateless_uniform([], seeds[0], d.min_resize, d.max_resize + 1, tf.int32)
+  side = _source_crop_size(hw, resize_to, d.image_size)
+  y, x = (tf.random.stateless_uniform([], seeds[i + 1], 0, hw[i] - side + 1, tf.int32)
+          for i in range(2))
+  image = _decode_crop_resize(image_bytes, y, x, side, d.image_size)
+  image = tf.image.stateless_random_flip_left_right(image, seeds[3])
   if d.pca_lighting > 0:
-    image += pca_lighting(seeds[3], d.pca_lighting)
+    image += pca_lighting(seeds[4], d.pca_lighting)
   mean, scale = imagenet_normalizer(d.normalization)
   return (image - mean) * scale
 
@@ -570,16 +589,17 @@ def imagenet_train_image(image_bytes: tf.Tensor, seed: tf.Tensor, d) -> tf.Tenso
 def imagenet_eval_image(image_bytes: tf.Tensor, d) -> tf.Tensor:
   """Shorter side to eval_resize, then the centre crop [S, S, 3], or with
   ten_crop the 4 corner + centre crops and their flips [10, S, S, 3]."""
-  image = _resize_shorter_side(tf.io.decode_jpeg(image_bytes, channels=3), d.eval_resize)
-  s = d.image_size
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  crop = lambda y, x: image[y:y + s, x:x + s]
-  centre = crop((h - s) // 2, (w - s) // 2)
+  hw = tf.image.extract_jpeg_shape(image_bytes)[:2]
+  side = _source_crop_size(hw, d.eval_resize, d.image_size)
+  h, w = hw[0] - side, hw[1] - side  # the largest corner offsets
   if d.ten_crop:
-    crops = tf.stack([crop(0, 0), crop(0, w - s), crop(h - s, 0), crop(h - s, w - s), centre])
+    image = tf.io.decode_jpeg(image_bytes, channels=3)
+    crops = tf.stack([image[y:y + side, x:x + side] for y, x in
+                      ((0, 0), (0, w), (h, 0), (h, w), (h // 2, w // 2))])
+    crops = tf.image.resize(crops, [d.image_size] * 2, method='bilinear')
     image = tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
   else:
-    image = centre
+    image = _decode_crop_resize(image_bytes, h // 2, w // 2, side, d.image_size)
   mean, scale = imagenet_normalizer(d.normalization)
   return (image - mean) * scale
 
@@ -649,6 +669,9 @@ class ImageNetSource(DataSource):
     if d.cache:  # fixed file order, read once; the shuffle buffer still reshuffles
       if self._cached_train is None:
         self._cached_train = self._read(split).cache()
+        # Fill the cache in one full pass: epochs stop early (each drops its
+        # remainder) and tf.data discards a cache that was not read to the end.
+        self._cached_train.reduce(np.int64(0), lambda n, _: n + 1)
       ds = self._cached_train
     else:
       ds = self._read(split, shuffle_seed=epoch_seed % 2**31)

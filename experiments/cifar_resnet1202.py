@@ -1,0 +1,19 @@
+"""CIFAR-10 ResNet-1202 (Section 4.2, Table 6): 19.4M parameters, 7.93% test error (training error < 0.1%: it overfits).
+
+The identical blocks of each stage run under `nn.scan`, so the 1202-layer
+step compiles in seconds rather than hours; the function is the same.
+
+    python -m resnet_jax.main --config=experiments/cifar_resnet1202.py --workdir=workdirs/cifar_resnet1202
+
+Recipe: batch 128, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at
+32k and 48k iterations, 64k iterations, 45k/5k train/validation split, option-A
+shortcuts, per-pixel mean subtraction, pad-4 random crops and flips.
+"""
+
+from resnet_jax import configs
+
+
+def get_config():
+  config = configs.cifar('cifar_resnet1202')
+  config.model.scan_blocks = True
+  return config

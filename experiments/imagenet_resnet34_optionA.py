@@ -1,0 +1,13 @@
+"""ImageNet ResNet-34 with shortcut option A (Table 3, 10-crop): 25.03% top-1 / 7.76% top-5.
+
+    python -m resnet_jax.main --config=experiments/imagenet_resnet34_optionA.py --workdir=workdirs/imagenet_resnet34_optionA
+
+Option A: zero-padding identity shortcuts, no parameters. Option C: a projection
+on every shortcut. Recipe as in imagenet_resnet34.py.
+"""
+
+from resnet_jax import configs
+
+
+def get_config():
+  return configs.imagenet('resnet34', shortcut='A')

@@ -1,0 +1,384 @@
+"""The train state, the jit-compiled data-parallel train and eval steps, and the run loop.
+
+`train_and_evaluate(config, workdir)` is the whole run: it is what
+`python -m resnet_jax.main` and the notebooks call. The steps are pure
+functions of (state, batch); everything they need is decided from the config
+before they are compiled, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import threading
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from resnet_jax import api, checkpoints, data, metrics, optim, parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # iterations done
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array             # raw PRNG key; the step's key is fold_in(rng, step)
+  warmup_active: jax.Array   # ResNet-110 warm-up still on (error-based warm-up)
+  metric_sums: dict[str, jax.Array]  # running sums since the last logged step
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradient norm stopped being finite."""
+
+
+class RunInterrupted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f'Interrupted by {signal.Signals(signum).name} after step {step}; '
+                     'a checkpoint was written. Run the same command again to resume.')
+    self.signum = signum
+    self.step = step
+
+
+_METRIC_KEYS = ('loss', 'error', 'count')
+
+
+def create_model(config, num_classes: int) -> nn.Module:
+  m = config.model
+  return api.create_model(
+      m.name, shortcut=m.shortcut, dtype=m.dtype, bn_momentum=m.bn_momentum,
+      bn_epsilon=m.bn_epsilon, ghost_batch_size=m.ghost_batch_size,
+      zero_init_last_bn=m.zero_init_last_bn, stride_on_3x3=m.stride_on_3x3,
+      scan_blocks=m.scan_blocks, remat=m.remat, num_classes=num_classes)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       image_shape: tuple[int, ...], seed: int) -> TrainState:
+  rng = jax.random.PRNGKey(seed)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables['params']
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
+      opt_state=tx.init(params), rng=state_rng, warmup_active=jnp.ones((), jnp.bool_),
+      metric_sums={k: jnp.zeros((), jnp.float32) for k in _METRIC_KEYS})
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optim.Schedule,
+               log_every: int) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD iteration on a global batch. Pure; compiled once with the state donated."""
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                  batch['image'], train=True, mutable=['batch_stats'],
+                                  rngs={'dropout': rng})
+    loss = _cross_entropy(logits, batch['label']).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  error = jnp.mean(jnp.argmax(logits, -1) != batch['label'])
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  lr = schedule(state.step, state.warmup_active)
+  opt_state = optim.set_learning_rate(state.opt_state, lr)
+  updates, opt_state = tx.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A non-finite step leaves the state as it was; the loop then stops the run.
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params, batch_stats, opt_state = keep((params, batch_stats, opt_state),
+                                        (state.params, state.batch_stats, state.opt_state))
+
+  warmup_active = state.warmup_active
+  if schedule.warmup_until_train_error > 0:
+    warmup_active = warmup_active & (error >= schedule.warmup_until_train_error)
+  fresh = (state.step % log_every) == 0
+  sums = {k: jnp.where(fresh, 0.0, v) for k, v in state.metric_sums.items()}
+  sums = {'loss': sums['loss'] + loss, 'error': sums['error'] + error, 'count': sums['count'] + 1}
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, warmup_active=warmup_active, metric_sums=sums)
+  return new_state, {'loss': loss, 'error': error, 'grad_norm': grad_norm,
+                     'learning_rate': lr, 'finite': finite}
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
+  """Sums over the real (mask=True) examples of a padded batch; 10-crop batches average softmax scores."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  images = batch['image']
+  if images.ndim == 5:  # [batch, crops, H, W, C]
+    b, k = images.shape[:2]
+    logits = model.apply(variables, images.reshape((b * k,) + images.shape[2:]), train=False)
+    probs = jax.nn.softmax(logits).reshape(b, k, -1).mean(1)
+    log_probs = jnp.log(jnp.maximum(probs, 1e-30))
+  else:
+    log_probs = jax.nn.log_softmax(model.apply(variables, images, train=False))
+  labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
+  loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
+  return {'loss': jnp.sum(loss * mask),
+          'correct': jnp.sum((jnp.argmax(log_probs, -1) == labels) * mask),
+          'correct_top5': jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask),
+          'count': jnp.sum(mask)}
+
+
+class _TraceCounter:
+  """Counts how often a function is traced (= compiled, under jit)."""
+
+  def __init__(self, fn: Callable):
+    self.fn, self.count = fn, 0
+    functools.update_wrapper(self, fn)
+
+  def __call__(self, *args, **kwargs):
+    self.count += 1
+    return self.fn(*args, **kwargs)
+
+
+def evaluate(eval_fn: Callable, state: TrainState, source: Any, role: str,
+             sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
+  """Loss and error (percent) over every example of one evaluation split."""
+  split, expected = source.eval_splits[role]
+  totals = None
+  for batch in parallel.device_prefetch(source.eval_batches(role), sharding):
+    sums = eval_fn(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = parallel.fetch(totals)
+  count = int(round(float(totals['count'])))
+  if count != expected:
+    raise RuntimeError(f'Evaluation on {split!r} saw {count} examples, expected {expected}.')
+  out = {f'{role}_loss': float(totals['loss']) / count,
+         f'{role}_error': 100.0 * (1.0 - float(totals['correct']) / count),
+         f'{role}_split': split, f'{role}_examples': count}
+  if source.num_classes >= 100:
+    out[f'{role}_top5_error'] = 100.0 * (1.0 - float(totals['correct_top5']) / count)
+  return out
+
+
+def _versions() -> dict[str, str]:
+  out = {'python': platform.python_version()}
+  for pkg in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-cpu',
+              'tensorflow', 'tensorflow-datasets', 'ml_collections', 'numpy'):
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def _git_commit() -> str | None:
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
+                         timeout=5)
+    if out.returncode:
+      return None
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ('-dirty' if dirty else '')
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def check_config(config) -> None:
+  """Start-up checks that need no devices or data."""
+  for key in ('eval_every_steps', 'checkpoint_every_steps', 'log_every_steps'):
+    if config[key] <= 0:
+      raise ValueError(f'config.{key} must be a positive number of steps, not {config[key]}.')
+  if config.data.source not in ('tfds', 'synthetic', 'digits'):
+    raise ValueError(f"config.data.source must be 'tfds', 'synthetic' or 'digits', "
+                     f'not {config.data.source!r}.')
+  if config.model.name not in api.list_models():
+    raise ValueError(f'Unknown model.name {config.model.name!r}. Valid names: '
+                     f'{", ".join(api.list_models())}.')
+
+
+class _StopSignals:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # signals only work there
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str, Any]:
+  """Trains and evaluates the configured experiment in `workdir`, resuming if it holds checkpoints.
+
+  Returns the contents of `result.json` (plus the number of compilations of
+  each step, for tests). Raises `RunInterrupted` after writing a checkpoint on
+  SIGTERM/SIGINT, and `NonFiniteError` (without checkpointing) if the loss or
+  gradient norm stops being finite.
+  """
+  start_time = time.time()
+  check_config(config)
+  parallel.initialize_distributed(config)
+  mesh = parallel.create_mesh()
+  parallel.check_batch_sizes(config, mesh)
+  lead = jax.process_index() == 0
+  if lead:
+    os.makedirs(workdir, exist_ok=True)
+
+  source = source or data.create_data_source(config)
+  label = 'SYNTHETIC DATA' if source.synthetic else ''
+  num_steps = optim.num_train_steps(config, source.steps_per_epoch)
+  schedule = optim.create_schedule(config, source.steps_per_epoch)
+  model = create_model(config, source.num_classes)
+  tx = optim.create_optimizer(config)
+
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  state = jax.jit(functools.partial(create_train_state, model, tx, source.image_shape),
+                  static_argnums=0, out_shardings=replicated)(config.seed)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+  ckpt = checkpoints.Checkpointer(workdir, config)
+  restored = ckpt.restore(state)
+  progress = metrics.ProgressBar(num_steps, enabled=lead and config.progress_bar, label=label)
+  if restored is not None:
+    state = restored
+    progress.message(f'Resuming from the checkpoint at step {int(state.step)} in {ckpt.directory}')
+    if lead:
+      metrics.truncate_metrics(workdir, int(state.step))
+  start_step = int(state.step)
+  if lead:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = metrics.MetricWriter(workdir, enabled=lead, label=label)
+  progress.message(f'{config.model.name}: {num_params:,} parameters; {num_steps} steps of '
+                   f'{config.batch_size} on {jax.device_count()} {jax.devices()[0].device_kind} '
+                   f'device(s); data: {source.name}' + (' (synthetic)' if source.synthetic else ''))
+
+  train_fn = _TraceCounter(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                             log_every=config.log_every_steps))
+  eval_fn = _TraceCounter(functools.partial(eval_step, model=model))
+  p_train = jax.jit(train_fn, in_shardings=(replicated, batch_sharding),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
+  p_eval = jax.jit(eval_fn, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+
+  history = metrics.read_metrics(workdir) if lead else []
+  best_val = min((r['validation_error'] for r in history if 'validation_error' in r), default=None)
+  data_tag = {'data': source.name, 'synthetic': bool(source.synthetic)}
+  roles = list(source.eval_splits)
+
+  def run_evals(step: int) -> dict[str, Any]:
+    nonlocal best_val
+    out = {}
+    for role in roles:
+      out.update(evaluate(p_eval, state, source, role, batch_sharding))
+    if 'validation_error' in out:
+      best_val = out['validation_error'] if best_val is None else min(best_val, out['validation_error'])
+    summary = ', '.join(f"{r} error {out[f'{r}_error']:.2f}% ({out[f'{r}_examples']} examples)"
+                        for r in roles)
+    progress.message(f'step {step}: {summary}')
+    return out
+
+  batches = parallel.device_prefetch(source.train_batches(start_step), batch_sharding)
+  window_start, window_step = time.perf_counter(), start_step
+  previous = None
+  eval_results: dict[str, Any] = {}
+  with _StopSignals() as stop:
+    for step in range(start_step, num_steps):
+      state, step_metrics = p_train(state, next(batches))
+      if previous is not None and not bool(previous[1]['finite']):
+        _raise_nonfinite(previous[0], previous[1])
+      previous = (step + 1, step_metrics)
+      done = step + 1
+      is_last = done == num_steps
+      record = {}
+      if done % config.log_every_steps == 0 or is_last or stop.signum:
+        if not bool(step_metrics['finite']):
+          _raise_nonfinite(done, step_metrics)
+        sums = parallel.fetch(state.metric_sums)
+        elapsed = time.perf_counter() - window_start
+        per_step = elapsed / max(1, done - window_step)
+        record = {'train_loss': float(sums['loss'] / sums['count']),
+                  'train_error': 100.0 * float(sums['error'] / sums['count']),
+                  'learning_rate': float(step_metrics['learning_rate']),
+                  'grad_norm': float(step_metrics['grad_norm']),
+                  'images_per_second': config.batch_size / per_step}
+        progress.update(done, loss=record['train_loss'], error=record['train_error'] / 100,
+                        learning_rate=record['learning_rate'],
+                        images_per_second=record['images_per_second'], seconds_per_step=per_step)
+      if done % config.eval_every_steps == 0 or is_last:
+        eval_results = run_evals(done)
+        record.update(eval_results)
+      if record:
+        writer.write(done, {**record, **data_tag})
+        window_start, window_step = time.perf_counter(), done
+      if done % config.checkpoint_every_steps == 0 or is_last or stop.signum:
+        if not bool(step_metrics['finite']):
+          _raise_nonfinite(done, step_metrics)  # never checkpoint past a bad step
+        val = eval_results.get('validation_error') if 'validation_error' in record else None
+        ckpt.save(state, metrics={'validation_error': val} if val is not None else None)
+      if stop.signum and not is_last:
+        ckpt.close()
+        writer.close()
+        progress.close()
+        raise RunInterrupted(stop.signum, done)
+  progress.close()
+  if start_step >= num_steps:  # resumed a finished run: evaluate again for the result
+    eval_results = run_evals(num_steps)
+  ckpt.close()
+  writer.close()
+
+  devices = jax.devices()
+  result = {
+      'model': config.model.name, 'params': int(num_params), 'steps': num_steps,
+      'seed': config.seed, 'batch_size': config.batch_size, **data_tag,
+      'test_error': eval_results.get('test_error'),
+      'test_top5_error': eval_results.get('test_top5_error'),
+      'test_examples': eval_results.get('test_examples'),
+      'final_validation_error': eval_results.get('validation_error'),
+      'best_validation_error': best_val,
+      'wall_time_seconds': time.time() - start_time,
+      'resumed_from_step': start_step or None,
+      'device_kind': devices[0].device_kind, 'device_count': len(devices),
+      'process_count': jax.process_count(), 'platform': devices[0].platform,
+      'git_commit': _git_commit(), 'versions': _versions(),
+      'config': json.loads(config.to_json_best_effort()),
+  }
+  if lead:
+    with open(os.path.join(workdir, 'result.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  result['compilations'] = {'train_step': train_fn.count, 'eval_step': eval_fn.count}
+  return result
+
+
+def _raise_nonfinite(step: int, step_metrics: dict[str, jax.Array]) -> None:
+  m = parallel.fetch(step_metrics)
+  raise NonFiniteError(
+      f'Step {step}: loss {float(m["loss"])} or gradient norm {float(m["grad_norm"])} is not '
+      'finite; the run stops. The last checkpoint (before this step) is kept; lower the '
+      'learning rate or check the data, then rerun to resume from it.')
