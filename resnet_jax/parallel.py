@@ -99,6 +99,14 @@ def device_prefetch(batches: Iterable[dict[str, np.ndarray]], sharding: NamedSha
       queue.append(shard_batch(batch, sharding))
 
 
+def _to_host(x: Any) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not x.sharding.is_fully_replicated:
+      raise ValueError('Only replicated arrays can be read on every process.')
+    x = x.addressable_data(0)  # every process holds a full copy
+  return np.asarray(jax.device_get(x))
+
+
 def fetch(tree: Any) -> Any:
-  """Device arrays (replicated or fully addressable) -> numpy, on every process."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  """Replicated or fully addressable device arrays -> numpy, on every process."""
+  return jax.tree.map(_to_host, tree)

@@ -98,7 +98,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   error = jnp.mean(jnp.argmax(logits, -1) != batch['label'])
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   lr = schedule(state.step, state.warmup_active)
@@ -237,8 +237,9 @@ class _StopSignals:
 def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str, Any]:
   """Trains and evaluates the configured experiment in `workdir`, resuming if it holds checkpoints.
 
-  Returns the contents of `result.json` (plus the number of compilations of
-  each step, for tests). Raises `RunInterrupted` after writing a checkpoint on
+  Returns the contents of `result.json`, plus 'state' (the final
+  `TrainState`, for notebooks and analysis) and 'compilations' (how often each
+  step was compiled). Raises `RunInterrupted` after writing a checkpoint on
   SIGTERM/SIGINT, and `NonFiniteError` (without checkpointing) if the loss or
   gradient norm stops being finite.
   """
@@ -263,15 +264,16 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
                   static_argnums=0, out_shardings=replicated)(config.seed)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
-  ckpt = checkpoints.Checkpointer(workdir, config)
+  ckpt = checkpoints.Checkpointer(workdir, config, num_classes=source.num_classes)
   restored = ckpt.restore(state)
   progress = metrics.ProgressBar(num_steps, enabled=lead and config.progress_bar, label=label)
   if restored is not None:
     state = restored
-    progress.message(f'Resuming from the checkpoint at step {int(state.step)} in {ckpt.directory}')
+  start_step = int(parallel.fetch(state.step))
+  if restored is not None:
+    progress.message(f'Resuming from the checkpoint at step {start_step} in {ckpt.directory}')
     if lead:
-      metrics.truncate_metrics(workdir, int(state.step))
-  start_step = int(state.step)
+      metrics.truncate_metrics(workdir, start_step)
   if lead:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -308,25 +310,27 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   window_start, window_step = time.perf_counter(), start_step
   previous = None
   eval_results: dict[str, Any] = {}
-  with _StopSignals() as stop:
+  with _StopSignals() as stop, ckpt:  # ckpt: any error waits for the save in flight
     for step in range(start_step, num_steps):
       state, step_metrics = p_train(state, next(batches))
-      if previous is not None and not bool(previous[1]['finite']):
+      if previous is not None and not parallel.fetch(previous[1]['finite']):
         _raise_nonfinite(previous[0], previous[1])
       previous = (step + 1, step_metrics)
       done = step + 1
       is_last = done == num_steps
       record = {}
-      if done % config.log_every_steps == 0 or is_last or stop.signum:
-        if not bool(step_metrics['finite']):
+      # Not on a signal: an extra record would make a resumed run's log differ.
+      if done % config.log_every_steps == 0 or is_last:
+        if not parallel.fetch(step_metrics['finite']):
           _raise_nonfinite(done, step_metrics)
         sums = parallel.fetch(state.metric_sums)
         elapsed = time.perf_counter() - window_start
         per_step = elapsed / max(1, done - window_step)
+        host = parallel.fetch(step_metrics)
         record = {'train_loss': float(sums['loss'] / sums['count']),
                   'train_error': 100.0 * float(sums['error'] / sums['count']),
-                  'learning_rate': float(step_metrics['learning_rate']),
-                  'grad_norm': float(step_metrics['grad_norm']),
+                  'learning_rate': float(host['learning_rate']),
+                  'grad_norm': float(host['grad_norm']),
                   'images_per_second': config.batch_size / per_step}
         progress.update(done, loss=record['train_loss'], error=record['train_error'] / 100,
                         learning_rate=record['learning_rate'],
@@ -338,7 +342,7 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
         writer.write(done, {**record, **data_tag})
         window_start, window_step = time.perf_counter(), done
       if done % config.checkpoint_every_steps == 0 or is_last or stop.signum:
-        if not bool(step_metrics['finite']):
+        if not parallel.fetch(step_metrics['finite']):
           _raise_nonfinite(done, step_metrics)  # never checkpoint past a bad step
         val = eval_results.get('validation_error') if 'validation_error' in record else None
         ckpt.save(state, metrics={'validation_error': val} if val is not None else None)
@@ -373,6 +377,7 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
     with open(os.path.join(workdir, 'result.json'), 'w') as f:
       json.dump(result, f, indent=2)
   result['compilations'] = {'train_step': train_fn.count, 'eval_step': eval_fn.count}
+  result['state'] = state
   return result
 
 

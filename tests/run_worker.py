@@ -1,0 +1,50 @@
+"""Runs a short training job in a fresh process and saves what tests compare.
+
+    python tests/run_worker.py OUT.npz WORKDIR key=value ...
+
+The config is `configs.digits('cifar_resnet20')` with the given overrides
+(values parsed as Python literals). The process's device count comes from
+XLA_FLAGS; a 'distributed' process also gets coordinator settings as overrides.
+Saves the final parameters, batch statistics and optimiser state (flattened)
+and the logged training losses.
+"""
+
+import ast
+import sys
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from resnet_jax import configs, metrics, parallel, train
+
+
+def main(out, workdir, *overrides):
+  config = configs.digits('cifar_resnet20')
+  config.progress_bar = False
+  for item in overrides:
+    key, value = item.split('=', 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    target = config
+    *path, last = key.split('.')
+    for part in path:
+      target = target[part]
+    target[last] = value
+  result = train.train_and_evaluate(config, workdir)
+  state = parallel.fetch(result['state'])
+  arrays = {}
+  for name in ('params', 'batch_stats'):
+    for k, v in traverse_util.flatten_dict(getattr(state, name), sep='/').items():
+      arrays[f'{name}/{k}'] = np.asarray(v)
+  for i, leaf in enumerate(jax.tree.leaves(state.opt_state)):
+    arrays[f'opt_state/{i}'] = np.asarray(leaf)
+  losses = [r['train_loss'] for r in metrics.read_metrics(workdir)]
+  if jax.process_index() == 0:
+    np.savez(out, losses=np.asarray(losses), test_error=result['test_error'], **arrays)
+
+
+if __name__ == '__main__':
+  main(*sys.argv[1:])
