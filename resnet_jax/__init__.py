@@ -4,9 +4,21 @@
     resnet_jax.list_models()
     model = resnet_jax.create_model('cifar_resnet110')
     init_fn, apply_fn = resnet_jax.functional('resnet50')
+    variables = resnet_jax.load_variables('workdirs/r110')   # trained weights, numpy
+    info = resnet_jax.checkpoint_info('workdirs/r110')       # which model, which step
 """
 
 from resnet_jax.api import create_model, functional, list_models
 
-__all__ = ['create_model', 'functional', 'list_models']
+__all__ = ['checkpoint_info', 'create_model', 'functional', 'list_models', 'load_variables']
 __version__ = '0.1.0'
+
+_CHECKPOINT_API = ('checkpoint_info', 'load_variables')
+
+
+def __getattr__(name):
+  # Checkpoint readers load on first use: orbax is slow to import.
+  if name in _CHECKPOINT_API:
+    from resnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    return getattr(checkpoints, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -159,6 +159,11 @@ class Checkpointer:
         create=True, **best)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
+    try:
+      self._check_newest_meta()
+    except CheckpointMismatchError:
+      self.manager.close()
+      raise
 
   def path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -227,7 +232,7 @@ class Checkpointer:
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+        meta = self._read_meta(step)
       except Exception as e:  # pylint: disable=broad-except
         failures.append(self._skip(step, e))
         continue
@@ -251,6 +256,19 @@ class Checkpointer:
           'Not starting from scratch over them: move the directory away (or fix the error) '
           'and run again.')
     return None
+
+  def _read_meta(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def _check_newest_meta(self) -> None:
+    """Raises CheckpointMismatchError early, before the train state is built."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        meta = self._read_meta(step)
+      except Exception:  # pylint: disable=broad-except
+        continue  # damaged: restore() says so
+      _check_fingerprint(meta, self.config, self.directory)
+      return
 
   def _skip(self, step: int, error: BaseException) -> tuple[int, str]:
     logging.warning('Skipping the checkpoint %s, which cannot be restored: %s',

@@ -114,7 +114,6 @@ def base() -> ml_collections.ConfigDict:
   c.coordinator_address = ''
   c.num_processes = 0
   c.process_id = -1
-  c.stop_on_nonfinite = True
   c.progress_bar = True
   return c
 

@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from resnet_jax import data, train
-from resnet_jax.checkpoints import CheckpointMismatchError
+from resnet_jax.checkpoints import CheckpointError, CheckpointMismatchError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
@@ -33,7 +33,8 @@ def main(argv):
   except train.RunInterrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)  # the shell convention for "killed by this signal"
-  except (data.DataError, CheckpointMismatchError, train.NonFiniteError, ValueError) as e:
+  except (data.DataError, CheckpointError, CheckpointMismatchError, train.NonFiniteError,
+          ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2 if not isinstance(e, train.NonFiniteError) else 3)
   if result.get('test_error') is not None:

@@ -258,13 +258,14 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   schedule = optim.create_schedule(config, source.steps_per_epoch)
   model = create_model(config, source.num_classes)
   tx = optim.create_optimizer(config)
+  # Refuses another experiment's checkpoints before the costly initialisation.
+  ckpt = checkpoints.Checkpointer(workdir, config, num_classes=source.num_classes)
 
   replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state = jax.jit(functools.partial(create_train_state, model, tx, source.image_shape),
                   static_argnums=0, out_shardings=replicated)(config.seed)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
-  ckpt = checkpoints.Checkpointer(workdir, config, num_classes=source.num_classes)
   restored = ckpt.restore(state)
   progress = metrics.ProgressBar(num_steps, enabled=lead and config.progress_bar, label=label)
   if restored is not None:
