@@ -267,10 +267,9 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   restored = ckpt.restore(state)
-  progress = metrics.ProgressBar(num_steps, enabled=lead and config.progress_bar, label=label)
-  if restored is not None:
-    state = restored
+  state = state if restored is None else restored
   start_step = int(parallel.fetch(state.step))
+  progress = metrics.ProgressBar(num_steps, enabled=lead and config.progress_bar, label=label)
   if restored is not None:
     progress.message(f'Resuming from the checkpoint at step {start_step} in {ckpt.directory}')
     if lead:
