@@ -249,10 +249,9 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   mesh = parallel.create_mesh()
   parallel.check_batch_sizes(config, mesh)
   lead = jax.process_index() == 0
+  source = source or data.create_data_source(config)  # fails fast on missing data
   if lead:
     os.makedirs(workdir, exist_ok=True)
-
-  source = source or data.create_data_source(config)
   label = 'SYNTHETIC DATA' if source.synthetic else ''
   num_steps = optim.num_train_steps(config, source.steps_per_epoch)
   schedule = optim.create_schedule(config, source.steps_per_epoch)
