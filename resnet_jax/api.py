@@ -22,13 +22,25 @@ def create_model(name: str, **overrides) -> nn.Module:
   """The named network as a `flax.linen.Module`.
 
   `overrides` are `models.ResNet` attributes, e.g. `shortcut='C'`,
-  `dtype=jnp.bfloat16`, `num_classes=100`, `scan_blocks=True`.
+  `dtype=jnp.bfloat16` (or 'bfloat16'), `num_classes=100`, `scan_blocks=True`,
+  `conv='cpu_kgrad'` (a convolution that trains faster on CPU).
   """
   if name not in models.MODELS:
     raise ValueError(f'Unknown model {name!r}. Valid names: {", ".join(list_models())}.')
   if isinstance(overrides.get('dtype'), str):
     overrides['dtype'] = jnp.dtype(overrides['dtype'])
+  if isinstance(overrides.get('conv'), str):
+    overrides['conv'] = _conv_module(overrides['conv'])
   return models.MODELS[name](**overrides)
+
+
+def _conv_module(name: str) -> type[nn.Module]:
+  if name == 'xla':
+    return nn.Conv
+  if name == 'cpu_kgrad':
+    from resnet_jax import cpu_conv  # pylint: disable=g-import-not-at-top
+    return cpu_conv.Conv
+  raise ValueError(f"Unknown conv {name!r}; use 'xla' (flax.linen.Conv) or 'cpu_kgrad'.")
 
 
 def functional(name: str, **overrides) -> tuple[Callable, Callable]:

@@ -53,7 +53,7 @@ from resnet_jax import parallel
 # learning rate, ...) may change.
 _MUST_MATCH = ('model', 'batch_size', 'seed', 'data.source', 'data.dataset', 'data.train_split')
 # ... except these, which change memory use and speed, not what is trained.
-_MAY_CHANGE = ('model.remat',)
+_MAY_CHANGE = ('model.remat', 'model.conv')
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax 0.12: '<step>.orbax-checkpoint-tmp' while saving
 _METRICS_FILE = os.path.join('metrics', 'metrics')  # orbax's per-step metrics (keep_best_checkpoint)

@@ -37,6 +37,9 @@ def _model(name: str, shortcut: str) -> ml_collections.ConfigDict:
       # for deep nets) and rematerialisation of each block in the backward pass.
       scan_blocks=False,
       remat=False,
+      # 'xla' (flax.linen.Conv) or 'cpu_kgrad' (same forward, a transpose-free
+      # kernel gradient that trains 1.35-1.6x faster on XLA:CPU; see cpu_conv.py).
+      conv='xla',
   ))
 
 

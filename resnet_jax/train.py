@@ -64,7 +64,7 @@ def create_model(config, num_classes: int) -> nn.Module:
       m.name, shortcut=m.shortcut, dtype=m.dtype, bn_momentum=m.bn_momentum,
       bn_epsilon=m.bn_epsilon, ghost_batch_size=m.ghost_batch_size,
       zero_init_last_bn=m.zero_init_last_bn, stride_on_3x3=m.stride_on_3x3,
-      scan_blocks=m.scan_blocks, remat=m.remat, num_classes=num_classes)
+      scan_blocks=m.scan_blocks, remat=m.remat, conv=m.conv, num_classes=num_classes)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,

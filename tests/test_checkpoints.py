@@ -309,7 +309,8 @@ def test_fingerprint_ignores_settings_that_do_not_change_what_is_trained():
   base = checkpoints.fingerprint(make_config())
   for change in ({'log_every_steps': 7}, {'eval_every_steps': 7}, {'checkpoint_every_steps': 7},
                  {'num_train_steps': 99}, {'keep_checkpoints': 1}, {'progress_bar': True},
-                 {'learning_rate': 0.01}, {'model.remat': True}, {'eval_batch_size': 80}):
+                 {'learning_rate': 0.01}, {'model.remat': True}, {'model.conv': 'cpu_kgrad'},
+                 {'eval_batch_size': 80}):
     assert checkpoints.fingerprint(make_config(**change)) == base, change
   for change in ({'model.name': 'cifar_plain20'}, {'model.shortcut': 'B'}, {'batch_size': 16},
                  {'seed': 1}, {'data.train_split': 'train[:40]'}, {'data.source': 'synthetic'}):
