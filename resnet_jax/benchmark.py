@@ -132,7 +132,8 @@ class JaxSteps:
     return {'train': _time_steps(self.train_step, steps), 'eval': _time_steps(self.eval_step, steps)}
 
 
-def _load_torch_reference():
+def load_torch_reference():
+  """benchmarks/torch_reference.py (outside the package; needs torch)."""
   path = os.path.join(ROOT, 'benchmarks', 'torch_reference.py')
   spec = importlib.util.spec_from_file_location('torch_reference', path)
   module = importlib.util.module_from_spec(spec)
@@ -175,7 +176,7 @@ def run(config, *, steps: int, warmup: int, rounds: int, use_torch: bool,
   result.update(jax_steps.compile())
   torch_ref = torch_model = None
   if use_torch:
-    torch_ref = _load_torch_reference()
+    torch_ref = load_torch_reference()
     torch_model = torch_ref.TorchBench(config.model.name, batch_size=config.batch_size,
                                        eval_batch_size=config.eval_batch_size,
                                        channels_last=channels_last,

@@ -4,9 +4,6 @@ Runs only where torch is installed (it is not a dependency):
 `pip install torch==2.13.0` for the CPU build.
 """
 
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -16,15 +13,7 @@ from resnet_jax import summary
 
 torch = pytest.importorskip('torch')
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _reference():
-  path = os.path.join(ROOT, 'benchmarks', 'torch_reference.py')
-  spec = importlib.util.spec_from_file_location('torch_reference', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from resnet_jax.benchmark import load_torch_reference as _reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.mark.parametrize('name', ['cifar_resnet20', 'cifar_resnet56', 'cifar_plain20'])
