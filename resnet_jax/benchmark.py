@@ -174,6 +174,8 @@ def run(config, *, steps: int, warmup: int, rounds: int, use_torch: bool,
       'platform': jax.devices()[0].platform, 'cpu_count': os.cpu_count(),
       'machine': platform.machine(), 'jax': jax.__version__}
   result.update(jax_steps.compile())
+  print(f"compiled: train {result['train_compile_seconds']:.1f} s, "
+        f"eval {result['eval_compile_seconds']:.1f} s", file=sys.stderr, flush=True)
   torch_ref = torch_model = None
   if use_torch:
     torch_ref = load_torch_reference()
