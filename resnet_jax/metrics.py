@@ -8,17 +8,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Any
 
 
 class MetricWriter:
   """Appends one JSON object per logged step to `metrics.jsonl` and mirrors it to TensorBoard."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
-               label: str = ''):
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self.label = label
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled and tensorboard:
@@ -116,7 +113,3 @@ class ProgressBar:
     if self.enabled and self.tty:
       self.stream.write('\n')
       self.stream.flush()
-
-  @staticmethod
-  def now() -> float:
-    return time.perf_counter()

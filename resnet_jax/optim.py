@@ -8,7 +8,7 @@ the ImageNet one in terms of the error plateau (here fixed epochs).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,5 +105,3 @@ def set_learning_rate(opt_state: Any, learning_rate: jax.Array) -> Any:
   hyperparams = dict(opt_state.hyperparams, learning_rate=learning_rate)
   return opt_state._replace(hyperparams=hyperparams)
 
-
-LearningRateFn = Callable[[jax.Array, jax.Array], jax.Array]

@@ -276,7 +276,7 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   if lead:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  writer = metrics.MetricWriter(workdir, enabled=lead, label=label)
+  writer = metrics.MetricWriter(workdir, enabled=lead)
   progress.message(f'{config.model.name}: {num_params:,} parameters; {num_steps} steps of '
                    f'{config.batch_size} on {jax.device_count()} {jax.devices()[0].device_kind} '
                    f'device(s); data: {source.name}' + (' (synthetic)' if source.synthetic else ''))
