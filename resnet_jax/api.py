@@ -18,6 +18,11 @@ def list_models() -> list[str]:
   return list(models.MODELS)
 
 
+def check_model_name(name: str) -> None:
+  if name not in models.MODELS:
+    raise ValueError(f'Unknown model {name!r}. Valid names: {", ".join(list_models())}.')
+
+
 def create_model(name: str, **overrides) -> nn.Module:
   """The named network as a `flax.linen.Module`.
 
@@ -25,8 +30,7 @@ def create_model(name: str, **overrides) -> nn.Module:
   `dtype=jnp.bfloat16` (or 'bfloat16'), `num_classes=100`, `scan_blocks=True`,
   `conv='cpu_kgrad'` (a convolution that trains faster on CPU).
   """
-  if name not in models.MODELS:
-    raise ValueError(f'Unknown model {name!r}. Valid names: {", ".join(list_models())}.')
+  check_model_name(name)
   if isinstance(overrides.get('dtype'), str):
     overrides['dtype'] = jnp.dtype(overrides['dtype'])
   if isinstance(overrides.get('conv'), str):

@@ -200,16 +200,11 @@ def _git_commit() -> str | None:
 
 
 def check_config(config) -> None:
-  """Start-up checks that need no devices or data."""
+  """Start-up checks that need no devices or data (the data source checks its own keys)."""
   for key in ('eval_every_steps', 'checkpoint_every_steps', 'log_every_steps'):
     if config[key] <= 0:
       raise ValueError(f'config.{key} must be a positive number of steps, not {config[key]}.')
-  if config.data.source not in ('tfds', 'synthetic', 'digits'):
-    raise ValueError(f"config.data.source must be 'tfds', 'synthetic' or 'digits', "
-                     f'not {config.data.source!r}.')
-  if config.model.name not in api.list_models():
-    raise ValueError(f'Unknown model.name {config.model.name!r}. Valid names: '
-                     f'{", ".join(api.list_models())}.')
+  api.check_model_name(config.model.name)  # before the (slow) data loading
 
 
 class _StopSignals:
