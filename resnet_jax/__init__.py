@@ -8,7 +8,12 @@
     info = resnet_jax.checkpoint_info('workdirs/r110')       # which model, which step
 """
 
-from resnet_jax.api import create_model, functional, list_models
+from resnet_jax import host_memory
+
+# Before anything starts JAX's threads: step buffers reused, not re-faulted (host_memory.py).
+host_memory.configure()
+
+from resnet_jax.api import create_model, functional, list_models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 __all__ = ['checkpoint_info', 'create_model', 'functional', 'list_models', 'load_variables']
 __version__ = '0.1.0'
