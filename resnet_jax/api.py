@@ -28,23 +28,44 @@ def create_model(name: str, **overrides) -> nn.Module:
 
   `overrides` are `models.ResNet` attributes, e.g. `shortcut='C'`,
   `dtype=jnp.bfloat16` (or 'bfloat16'), `num_classes=100`, `scan_blocks=True`,
-  `conv='cpu_kgrad'` (a convolution that trains faster on CPU).
+  `conv=` one of `CONV_CHOICES` (see `resolve_conv`; the default is 'xla').
   """
   check_model_name(name)
   if isinstance(overrides.get('dtype'), str):
     overrides['dtype'] = jnp.dtype(overrides['dtype'])
   if isinstance(overrides.get('conv'), str):
-    overrides['conv'] = _conv_module(overrides['conv'])
+    overrides['conv'], _ = resolve_conv(overrides['conv'], overrides.get('dtype', jnp.float32))
   return models.MODELS[name](**overrides)
 
 
-def _conv_module(name: str) -> type[nn.Module]:
+CONV_CHOICES = ('auto', 'xla', 'onednn', 'cpu_kgrad')
+
+
+def resolve_conv(name: str, dtype: Any = jnp.float32) -> tuple[type[nn.Module], str]:
+  """The convolution module for `model.conv` and a line saying what runs.
+
+  'xla': flax.linen.Conv and BatchNorm, compiled by XLA (any backend).
+  'onednn': oneDNN convolutions and training-mode BatchNorm inside the jitted
+    step (resnet_jax/onednn.py; float32 on one CPU device; 2.5-3x XLA:CPU).
+  'auto': 'onednn' where it can run (float32, one CPU device, library built),
+    else 'xla'.
+  'cpu_kgrad': XLA with a transpose-free kernel gradient (cpu_conv.py).
+  """
+  if name not in CONV_CHOICES:
+    raise ValueError(f'Unknown conv {name!r}; use one of {", ".join(map(repr, CONV_CHOICES))}.')
   if name == 'xla':
-    return nn.Conv
+    return nn.Conv, 'XLA'
   if name == 'cpu_kgrad':
     from resnet_jax import cpu_conv  # pylint: disable=g-import-not-at-top
-    return cpu_conv.Conv
-  raise ValueError(f"Unknown conv {name!r}; use 'xla' (flax.linen.Conv) or 'cpu_kgrad'.")
+    return cpu_conv.Conv, 'XLA with the transpose-free kernel gradient (cpu_kgrad)'
+  from resnet_jax import onednn  # pylint: disable=g-import-not-at-top
+  why_not = onednn.why_not_usable(dtype)
+  if why_not is None:
+    return onednn.Conv, 'oneDNN convolutions and BatchNorm'
+  if name == 'onednn':
+    raise ValueError(f"model.conv='onednn' cannot run here: {why_not}. Use conv='auto' "
+                     "(oneDNN where it can run, else XLA) or conv='xla'.")
+  return nn.Conv, f'XLA (oneDNN not used: {why_not})'
 
 
 def functional(name: str, **overrides) -> tuple[Callable, Callable]:

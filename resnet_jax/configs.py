@@ -37,9 +37,10 @@ def _model(name: str, shortcut: str) -> ml_collections.ConfigDict:
       # for deep nets) and rematerialisation of each block in the backward pass.
       scan_blocks=False,
       remat=False,
-      # 'xla' (flax.linen.Conv) or 'cpu_kgrad' (same forward, a transpose-free
-      # kernel gradient that trains 1.35-1.6x faster on XLA:CPU; see cpu_conv.py).
-      conv='xla',
+      # Convolution/BatchNorm kernels (api.resolve_conv): 'auto' = oneDNN where it
+      # can run (float32 on one CPU device; 2.5-3x XLA:CPU, onednn.py), else 'xla'.
+      # Also 'xla', 'onednn' (error where it cannot run), 'cpu_kgrad'.
+      conv='auto',
   ))
 
 

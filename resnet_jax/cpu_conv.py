@@ -151,7 +151,10 @@ class Conv(nn.Module):
     pad = tuple(tuple(p) for p in pad)
     dtype = self.dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = conv2d(x, kernel, strides, pad, self.min_features, self.fold_narrow, self.batch_chunk)
+    y = self._convolve(x, kernel, strides, pad)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,), self.param_dtype).astype(dtype)
     return y
+
+  def _convolve(self, x, kernel, strides, padding):
+    return conv2d(x, kernel, strides, padding, self.min_features, self.fold_narrow, self.batch_chunk)

@@ -48,9 +48,10 @@ class GhostBatchNorm(nn.Module):
   Reproduces the paper's per-GPU BN (statistics over 64 images when a batch of
   128 is split over 2 GPUs) on any number of devices. Parameter and statistic
   names match `nn.BatchNorm`, so checkpoints are interchangeable. The running
-  averages are updated with the mean of the groups' statistics.
+  averages are updated with the mean of the groups' statistics. `group_size=0`
+  is ordinary BatchNorm over the whole batch.
   """
-  group_size: int
+  group_size: int = 0
   use_running_average: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -67,25 +68,30 @@ class GhostBatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
     if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      n = x.shape[0]
-      if n % self.group_size:
-        raise ValueError(f'Batch of {n} examples does not split into ghost batches of '
-                         f'{self.group_size}; make model.ghost_batch_size divide the batch.')
-      groups = x.reshape((n // self.group_size, self.group_size) + x.shape[1:])
-      xf = groups.astype(jnp.float32)
-      axes = tuple(range(1, xf.ndim - 1))
-      mean = xf.mean(axes, keepdims=True)
-      var = jnp.maximum((xf * xf).mean(axes, keepdims=True) - mean * mean, 0.0)
-      if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, features).mean(0)
-        ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, features).mean(0)
-      y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-      return y.reshape(x.shape).astype(self.dtype or x.dtype)
-    y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+      y = (x.astype(jnp.float32) - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
+      return (y * scale + bias).astype(self.dtype or x.dtype)
+    y, mean, var = self.normalize_batch(x, scale, bias)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean
+      ra_var.value = m * ra_var.value + (1 - m) * var
     return y.astype(self.dtype or x.dtype)
+
+  def normalize_batch(self, x, scale, bias):
+    """(normalised x in float32, mean, biased variance), the statistics averaged over groups."""
+    n = x.shape[0]
+    group = self.group_size or n
+    if n % group:
+      raise ValueError(f'Batch of {n} examples does not split into ghost batches of '
+                       f'{group}; make model.ghost_batch_size divide the batch.')
+    xf = x.reshape((n // group, group) + x.shape[1:]).astype(jnp.float32)
+    axes = tuple(range(1, xf.ndim - 1))
+    mean = xf.mean(axes, keepdims=True)
+    var = jnp.maximum((xf * xf).mean(axes, keepdims=True) - mean * mean, 0.0)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    features = x.shape[-1]
+    return (y.reshape(x.shape), mean.reshape(-1, features).mean(0),
+            var.reshape(-1, features).mean(0))
 
 
 class Shortcut(nn.Module):
@@ -231,8 +237,10 @@ class ResNet(nn.Module):
       raise ValueError(f"Unknown shortcut option {self.shortcut!r}; use 'A', 'B' or 'C'.")
     conv = functools.partial(self.conv, use_bias=False, kernel_init=he_normal,
                              dtype=self.dtype, param_dtype=jnp.float32)
-    if self.ghost_batch_size and train:
-      norm = functools.partial(GhostBatchNorm, group_size=self.ghost_batch_size,
+    # Training-mode BN in the convolution's library where it has one (oneDNN).
+    train_norm = getattr(self.conv, 'train_batch_norm', GhostBatchNorm)
+    if train and (self.ghost_batch_size or train_norm is not GhostBatchNorm):
+      norm = functools.partial(train_norm, group_size=self.ghost_batch_size,
                                use_running_average=False, momentum=self.bn_momentum,
                                epsilon=self.bn_epsilon, dtype=self.dtype)
     else:

@@ -274,7 +274,8 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   writer = metrics.MetricWriter(workdir, enabled=lead)
   progress.message(f'{config.model.name}: {num_params:,} parameters; {num_steps} steps of '
                    f'{config.batch_size} on {jax.device_count()} {jax.devices()[0].device_kind} '
-                   f'device(s); data: {source.name}' + (' (synthetic)' if source.synthetic else ''))
+                   f'device(s); data: {source.name}' + (' (synthetic)' if source.synthetic else '')
+                   + f'; kernels: {api.resolve_conv(config.model.conv, config.model.dtype)[1]}')
 
   train_fn = _TraceCounter(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                                              log_every=config.log_every_steps))
