@@ -34,17 +34,23 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from resnet_jax import benchmark_input, data, optim, parallel, train
+from resnet_jax import api, benchmark_input, data, host_memory, optim, parallel, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-flags.DEFINE_integer('steps', 20, 'Timed steps per measurement.')
-flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-flags.DEFINE_integer('rounds', 3, 'Alternating rounds (JAX, then PyTorch) with --torch.')
-flags.DEFINE_boolean('torch', False, 'Also time the PyTorch reference (CIFAR nets only).')
-flags.DEFINE_boolean('channels_last', True, 'PyTorch: channels_last memory format.')
-flags.DEFINE_boolean('pipeline', True, 'Also measure the input pipeline.')
-flags.DEFINE_string('json', '', 'Write the results here as JSON.')
+
+
+def _define_flags():
+  # Only for the command line: importing this module (tests, notebooks) must not
+  # define flags that clash with resnet_jax.main's.
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_integer('steps', 20, 'Timed steps per measurement.')
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('rounds', 3, 'Alternating rounds (JAX, then PyTorch) with --torch.')
+  flags.DEFINE_boolean('torch', False, 'Also time the PyTorch reference (CIFAR nets only).')
+  flags.DEFINE_boolean('channels_last', True, 'PyTorch: channels_last memory format.')
+  flags.DEFINE_boolean('pipeline', True, 'Also measure the input pipeline.')
+  flags.DEFINE_string('json', '', 'Write the results here as JSON.')
+  flags.mark_flags_as_required(['config'])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,7 +178,9 @@ def run(config, *, steps: int, warmup: int, rounds: int, use_torch: bool,
       'eval_batch_size': config.eval_batch_size, 'params': int(jax_steps.num_params),
       'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
       'platform': jax.devices()[0].platform, 'cpu_count': os.cpu_count(),
-      'machine': platform.machine(), 'jax': jax.__version__}
+      'machine': platform.machine(), 'jax': jax.__version__,
+      'kernels': api.resolve_conv(config.model.conv, config.model.dtype)[1],
+      'host_memory': host_memory.status}
   result.update(jax_steps.compile())
   print(f"compiled: train {result['train_compile_seconds']:.1f} s, "
         f"eval {result['eval_compile_seconds']:.1f} s", file=sys.stderr, flush=True)
@@ -213,6 +221,7 @@ def format_table(r: dict[str, Any]) -> str:
     return f"{v['median']:,.0f} ({v['min']:,.0f}-{v['max']:,.0f})"
   rows = [('model', f"{r['model']} ({r['params']:,} params, {r['dtype']})"),
           ('device', f"{r['device_count']} x {r['device_kind']} ({r['cpu_count']} CPU cores)"),
+          ('kernels', r['kernels']),
           ('compile train / eval', f"{r['train_compile_seconds']:.1f} s / {r['eval_compile_seconds']:.1f} s"),
           (f"train img/s, batch {r['batch_size']}", rate('train_images_per_second')),
           (f"eval img/s, batch {r['eval_batch_size']}", rate('eval_images_per_second'))]
@@ -243,5 +252,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
+  _define_flags()
   app.run(main)
