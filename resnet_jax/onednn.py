@@ -154,17 +154,13 @@ def load() -> None:
     _state['lib'] = lib
 
 
-def available() -> bool:
-  """True if oneDNN convolutions can run here (builds the library on first call)."""
+def unavailable_reason() -> str | None:
+  """None if oneDNN kernels can run here (builds the library on first call), else why not."""
   try:
     load()
-    return True
-  except OneDNNUnavailable:
-    return False
-
-
-def unavailable_reason() -> str | None:
-  return None if available() else _state['error']
+    return None
+  except OneDNNUnavailable as e:
+    return str(e)
 
 
 def _ffi(kind, out_shapes, *args, **attrs):

@@ -371,6 +371,15 @@ def small_state(step, value=None):
       metric_sums={'loss': jnp.zeros(())})
 
 
+def three_checkpoints(tmp_path):
+  """Steps 1, 2 and 3 saved (and all kept) in tmp_path: (config, checkpoint dir)."""
+  config = make_config(keep_checkpoints=5)
+  with checkpoints.Checkpointer(str(tmp_path), config) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(small_state(step))
+  return config, tmp_path / 'checkpoints'
+
+
 def test_keep_best_keeps_the_lowest_validation_error_across_restarts(tmp_path):
   config = make_config(keep_checkpoints=1, keep_best_checkpoint=True)
   with checkpoints.Checkpointer(str(tmp_path), config) as ckpt:
@@ -412,11 +421,7 @@ def test_a_failed_background_save_is_raised_and_leaves_earlier_checkpoints(tmp_p
 
 
 def test_damaged_checkpoints_are_skipped_and_none_usable_is_an_error(tmp_path, caplog):
-  config = make_config(keep_checkpoints=5)
-  with checkpoints.Checkpointer(str(tmp_path), config) as ckpt:
-    for step in (1, 2, 3):
-      ckpt.save(small_state(step))
-  ckpt_dir = tmp_path / 'checkpoints'
+  config, ckpt_dir = three_checkpoints(tmp_path)
   shutil.rmtree(ckpt_dir / '3' / 'state')  # missing pieces
   with open(largest_file(ckpt_dir / '2' / 'state'), 'r+b') as f:  # truncated
     f.truncate(100)
@@ -436,11 +441,7 @@ def test_damaged_checkpoints_are_skipped_and_none_usable_is_an_error(tmp_path, c
 
 
 def test_restore_skips_damaged_checkpoints_and_moves_them_aside(tmp_path, caplog):
-  config = make_config(keep_checkpoints=5)
-  with checkpoints.Checkpointer(str(tmp_path), config) as ckpt:
-    for step in (1, 2, 3):
-      ckpt.save(small_state(step))
-  ckpt_dir = tmp_path / 'checkpoints'
+  config, ckpt_dir = three_checkpoints(tmp_path)
   shutil.rmtree(ckpt_dir / '3' / 'meta')
   with open(largest_file(ckpt_dir / '2' / 'state'), 'r+b') as f:
     f.truncate(100)

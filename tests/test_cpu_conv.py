@@ -4,11 +4,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import resnet_jax
 from resnet_jax import cpu_conv
+
+from model_compare import train_loss_and_grads  # tests/model_compare.py
 
 
 def rel(a, b):
@@ -54,15 +55,8 @@ def test_resnet_trains_the_same_with_either_convolution():
   new = resnet_jax.create_model('cifar_resnet20', conv='cpu_kgrad')
   v = ref.init(jax.random.key(2), x[:2])
 
-  def loss_and_grad(model):
-    def loss(p):
-      logits, upd = model.apply({'params': p, 'batch_stats': v['batch_stats']}, x, train=True,
-                                mutable=['batch_stats'])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(v['params'])
-
-  (l0, u0), g0 = loss_and_grad(ref)
-  (l1, u1), g1 = loss_and_grad(new)
+  (l0, u0), g0 = train_loss_and_grads(ref, v, x, y)
+  (l1, u1), g1 = train_loss_and_grads(new, v, x, y)
   assert rel(l1, l0) < 1e-6
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), u1, u0)
   assert max(rel(a, b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0))) < 5e-5

@@ -10,11 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import resnet_jax
 from resnet_jax import api, host_memory, models, onednn
+
+from model_compare import train_loss_and_grads  # tests/model_compare.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where the oneDNN wheels are dependencies of the package and a compiler exists,
@@ -94,15 +95,8 @@ def test_resnet_trains_the_same_with_onednn_as_with_xla():
   v = ref.init(jax.random.key(2), x[:2])
   assert jax.tree.structure(new.init(jax.random.key(2), x[:2])) == jax.tree.structure(v)
 
-  def loss_and_grad(model):
-    def loss(p):
-      logits, upd = model.apply({'params': p, 'batch_stats': v['batch_stats']}, x, train=True,
-                                mutable=['batch_stats'])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(v['params'])
-
-  (l0, u0), g0 = loss_and_grad(ref)
-  (l1, u1), g1 = loss_and_grad(new)
+  (l0, u0), g0 = train_loss_and_grads(ref, v, x, y)
+  (l1, u1), g1 = train_loss_and_grads(new, v, x, y)
   assert rel(l1, l0) < 1e-5
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), u1, u0)
   # The gradient of this float32 network at initialisation is sensitive: a

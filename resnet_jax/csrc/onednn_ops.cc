@@ -36,7 +36,7 @@ dnnl::engine& Engine() {
   return *engine;
 }
 
-// Guards the primitive caches.
+// Guards the convolution cache.
 std::mutex cache_mu;
 // XLA may run independent custom calls on two of its threads at once; each
 // would start an OpenMP team over all cores. One oneDNN call at a time keeps
@@ -53,20 +53,6 @@ ffi::Error Guarded(F&& f) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN failed: ") + err.what());
   }
   return ffi::Error::Success();
-}
-
-template <typename T>
-std::shared_ptr<T> Cached(const std::string& key, std::shared_ptr<T> (*make)(const void*),
-                          const void* arg) {
-  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<T>>();
-  {
-    std::lock_guard<std::mutex> lock(cache_mu);
-    auto it = cache->find(key);
-    if (it != cache->end()) return it->second;
-  }
-  auto value = make(arg);
-  std::lock_guard<std::mutex> lock(cache_mu);
-  return cache->emplace(key, value).first->second;
 }
 
 memory Wrap(const memory::desc& md, void* data) { return memory(md, Engine(), data); }
@@ -102,8 +88,7 @@ struct ConvEntry {
   dnnl::reorder reorder;
 };
 
-std::shared_ptr<ConvEntry> MakeConv(const void* arg) {
-  const Geometry& g = *static_cast<const Geometry*>(arg);
+std::shared_ptr<ConvEntry> MakeConv(const Geometry& g) {
   const memory::dims strides = {g.sh, g.sw}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
   const auto direct = dnnl::algorithm::convolution_direct;
   auto e = std::make_shared<ConvEntry>();
@@ -133,10 +118,24 @@ std::shared_ptr<ConvEntry> MakeConv(const void* arg) {
   return e;
 }
 
+// The convolution for g, made the first time it is asked for.
+std::shared_ptr<ConvEntry> CachedConv(const Geometry& g) {
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<ConvEntry>>();
+  const std::string key = g.Key();
+  {
+    std::lock_guard<std::mutex> lock(cache_mu);
+    auto it = cache->find(key);
+    if (it != cache->end()) return it->second;
+  }
+  auto value = MakeConv(g);
+  std::lock_guard<std::mutex> lock(cache_mu);
+  return cache->emplace(key, value).first->second;
+}
+
 // 'f': dst = conv(src, wei).  'd': src = input gradient, dst holds dy.
 // 'w': wei = kernel gradient, dst holds dy.
 void RunConv(const Geometry& g, void* src, void* wei, void* dst) {
-  auto e = Cached<ConvEntry>(g.Key(), MakeConv, &g);
+  auto e = CachedConv(g);
   dnnl::stream stream(Engine());
   memory src_m = Wrap(g.Src(), src), dst_m = Wrap(g.Dst(), dst), user_w = Wrap(g.Wei(), wei);
   memory wei_m = e->needs_reorder ? memory(e->wei_md, Engine()) : user_w;
