@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from resnet_jax import configs
 from resnet_jax import data
+from resnet_jax.data import imagenet as imagenet_data
 
 OFFLINE = ('cifar10_generated', 'digits', 'synthetic', 'imagenet_synthetic_jpeg')
 
@@ -84,7 +85,7 @@ def jpeg_throughput(config, num_batches: int = 10, warmup: int = 2, num_images: 
   records = tf.data.Dataset.from_tensor_slices((jpegs, np.zeros(len(jpegs), np.int32)))
   records = records.repeat().enumerate()
   parallel = tf.data.AUTOTUNE if d.num_parallel_calls < 0 else d.num_parallel_calls
-  ds = data.imagenet_train_map(records, d, aug_seed=config.seed, batch_size=config.batch_size,
+  ds = imagenet_data.imagenet_train_map(records, d, aug_seed=config.seed, batch_size=config.batch_size,
                                num_parallel_calls=parallel)
   batches = ({'label': label} for _, label in ds.as_numpy_iterator())
   mean_kb = np.mean([len(j) for j in jpegs]) / 1024

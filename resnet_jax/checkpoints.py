@@ -48,12 +48,21 @@ from orbax.checkpoint import checkpoint_managers
 
 from resnet_jax import parallel
 
-# Config fields that must match for a checkpoint to make sense on resume.
-# Anything else (logging, evaluation and checkpoint frequency, number of steps,
-# learning rate, ...) may change.
-_MUST_MATCH = ('model', 'batch_size', 'seed', 'data.source', 'data.dataset', 'data.train_split')
+# Config fields that must match for a checkpoint to make sense on resume: the
+# model, the batch, the seed, and everything that decides the training set,
+# its order and its augmentation. Anything else (logging, evaluation and
+# checkpoint frequency, number of steps, learning rate, ...) may change.
+_MUST_MATCH = ('model', 'batch_size', 'seed', 'data.source', 'data.dataset', 'data.train_split',
+               'data.normalization', 'data.augment', 'data.pad_pixels',
+               'data.digits_test_fraction', 'data.image_size', 'data.min_resize',
+               'data.max_resize', 'data.pca_lighting')
 # ... except these, which change memory use and speed, not what is trained.
 _MAY_CHANGE = ('model.remat', 'model.conv')
+# Checkpoints written before a key joined the fingerprint were trained with
+# the value it then always had; a key with no entry here is not checked there.
+_LEGACY = {'data.normalization': 'pixel_mean', 'data.augment': True, 'data.pad_pixels': 4,
+           'data.digits_test_fraction': 0.2, 'data.image_size': 224, 'data.min_resize': 256,
+           'data.max_resize': 480, 'data.pca_lighting': 0.1}
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax 0.12: '<step>.orbax-checkpoint-tmp' while saving
 _METRICS_FILE = os.path.join('metrics', 'metrics')  # orbax's per-step metrics (keep_best_checkpoint)
@@ -74,24 +83,39 @@ def _get(config, dotted: str):
   return value.to_dict() if hasattr(value, 'to_dict') else value
 
 
-def fingerprint(config) -> dict[str, Any]:
-  """The config fields a resumed run must share with its checkpoint, flattened ('model.name': ...)."""
+def fingerprint(config, data: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The config fields a resumed run must share with its checkpoint, flattened
+  ('model.name': ...), plus what the data source reports of its training set
+  (`DataSource.fingerprint()`: its size and, for in-memory data, a digest of the
+  images), under 'data.train.*'."""
   out = {}
   for key in _MUST_MATCH:
     value = _get(config, key)
     items = {f'{key}.{k}': v for k, v in value.items()} if isinstance(value, dict) else {key: value}
     out.update({k: v for k, v in items.items() if k not in _MAY_CHANGE})
+  out.update({f'data.train.{k}': v for k, v in (data or {}).items()})
   return json.loads(json.dumps(out))  # as it reads back from the checkpoint (tuples -> lists)
 
 
-def _check_fingerprint(meta: dict[str, Any], config, where: str) -> None:
+def _check_fingerprint(meta: dict[str, Any], config, where: str,
+                       data: dict[str, Any] | None = None) -> None:
   found = meta.get('fingerprint', {})
-  diffs = [(k, found.get(k), v) for k, v in fingerprint(config).items() if found.get(k) != v]
+  diffs = []
+  for k, v in fingerprint(config, data).items():
+    if k in found:
+      old = found[k]
+    elif k in _LEGACY:
+      old = json.loads(json.dumps(_LEGACY[k]))
+    else:
+      continue  # written before this key was recorded: nothing to compare with
+    if old != v:
+      diffs.append((k, old, v))
   if diffs:
     lines = '\n'.join(f'  {k}: checkpoint has {a!r}, config has {b!r}' for k, a, b in diffs)
     raise CheckpointMismatchError(
         f'The checkpoints in {where} were written by a different experiment:\n{lines}\n'
-        'Use a new --workdir for a new experiment, or the original config to resume this one.')
+        'Use a new --workdir for a new experiment, or the original config and data to resume '
+        'this one.')
 
 
 def _validation_error(metrics: dict[str, Any]) -> float:
@@ -132,10 +156,11 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, config, *, num_classes: int | None = None,
-               async_save: bool = True):
+               data_fingerprint: dict[str, Any] | None = None, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.config = config
     self.num_classes = num_classes
+    self.data_fingerprint = data_fingerprint
     self._lead = jax.process_index() == 0
     self._pending: int | None = None  # step of a save that may still be in flight
     self._closed = False
@@ -177,7 +202,7 @@ class Checkpointer:
     self.wait()
     if step in self.manager.all_steps():
       return
-    meta = _meta(self.config, step, self.num_classes)
+    meta = _meta(self.config, step, self.num_classes, self.data_fingerprint)
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -236,7 +261,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         failures.append(self._skip(step, e))
         continue
-      _check_fingerprint(meta, self.config, self.directory)
+      _check_fingerprint(meta, self.config, self.directory, self.data_fingerprint)
       try:
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))['state']
@@ -267,7 +292,7 @@ class Checkpointer:
         meta = self._read_meta(step)
       except Exception:  # pylint: disable=broad-except
         continue  # damaged: restore() says so
-      _check_fingerprint(meta, self.config, self.directory)
+      _check_fingerprint(meta, self.config, self.directory, self.data_fingerprint)
       return
 
   def _skip(self, step: int, error: BaseException) -> tuple[int, str]:
@@ -292,13 +317,14 @@ class Checkpointer:
     self.manager.reload()
 
 
-def _meta(config, step: int, num_classes: int | None) -> dict[str, Any]:
+def _meta(config, step: int, num_classes: int | None,
+          data: dict[str, Any] | None = None) -> dict[str, Any]:
   model = config.model.to_dict()
   kwargs = {k: v for k, v in model.items() if k != 'name'}
   if num_classes is not None:
     kwargs['num_classes'] = num_classes
   return {'step': step, 'model': model['name'], 'model_kwargs': kwargs,
-          'fingerprint': fingerprint(config), 'config': json.loads(config.to_json_best_effort())}
+          'fingerprint': fingerprint(config, data), 'config': json.loads(config.to_json_best_effort())}
 
 
 # ----------------------------------------------------------------------------

@@ -46,11 +46,15 @@ def _model(name: str, shortcut: str) -> ml_collections.ConfigDict:
 
 def _data(**kw) -> ml_collections.ConfigDict:
   d = dict(
-      # 'tfds' (real data), 'synthetic' (random images, for benchmarks and
-      # smoke runs) or 'digits' (scikit-learn's bundled 8x8 digits, offline demo).
+      # 'tfds' (real data through tensorflow-datasets), 'files' (CIFAR-10/100
+      # from the official python/binary files or archives in data_dir; numpy
+      # only), 'synthetic' (random images, for benchmarks and smoke runs) or
+      # 'digits' (scikit-learn's bundled 8x8 digits, offline demo).
       source='tfds',
       dataset='cifar10',
-      data_dir='',        # '' = tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+      # tfds: its data dir ('' = ~/tensorflow_datasets or $TFDS_DATA_DIR);
+      # files: the directory holding the CIFAR files. Local or gs://.
+      data_dir='',
       manual_dir='',      # '' = <data_dir>/downloads/manual
       train_split='train',
       val_split='',       # '' = no validation split

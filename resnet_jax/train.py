@@ -253,7 +253,8 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   model = create_model(config, source.num_classes)
   tx = optim.create_optimizer(config)
   # Refuses another experiment's checkpoints before the costly initialisation.
-  ckpt = checkpoints.Checkpointer(workdir, config, num_classes=source.num_classes)
+  ckpt = checkpoints.Checkpointer(workdir, config, num_classes=source.num_classes,
+                                 data_fingerprint=source.fingerprint())
 
   replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state = jax.jit(functools.partial(create_train_state, model, tx, source.image_shape),
@@ -263,6 +264,12 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   restored = ckpt.restore(state)
   state = state if restored is None else restored
   start_step = int(parallel.fetch(state.step))
+  if start_step > num_steps:
+    ckpt.close()
+    raise ValueError(
+        f'The workdir {workdir} holds a checkpoint of step {start_step}, past the '
+        f'{num_steps} steps this config asks for; a shorter run cannot be resumed from it. '
+        f'Use num_train_steps >= {start_step} to continue it, or a new --workdir.')
   progress = metrics.ProgressBar(num_steps, enabled=lead and config.progress_bar, label=label)
   if restored is not None:
     progress.message(f'Resuming from the checkpoint at step {start_step} in {ckpt.directory}')
