@@ -6,24 +6,33 @@
     init_fn, apply_fn = resnet_jax.functional('resnet50')
     variables = resnet_jax.load_variables('workdirs/r110')   # trained weights, numpy
     info = resnet_jax.checkpoint_info('workdirs/r110')       # which model, which step
+
+Importing the package imports nothing heavy and changes nothing in the process:
+each name below loads its module on first use. (The CPU training commands also
+tune glibc's allocator; library users who want that call
+`resnet_jax.kernels.host_memory.configure()` before their first JAX computation.)
 """
 
-from resnet_jax import host_memory
+import importlib
 
-# Before anything starts JAX's threads: step buffers reused, not re-faulted (host_memory.py).
-host_memory.configure()
-
-from resnet_jax.api import create_model, functional, list_models  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-__all__ = ['checkpoint_info', 'create_model', 'functional', 'list_models', 'load_variables']
 __version__ = '0.1.0'
 
-_CHECKPOINT_API = ('checkpoint_info', 'load_variables')
+_API = {
+    'list_models': 'resnet_jax.models',
+    'create_model': 'resnet_jax.models',
+    'functional': 'resnet_jax.models',
+    'load_variables': 'resnet_jax.weights.loading',
+    'load_state': 'resnet_jax.weights.loading',
+    'checkpoint_info': 'resnet_jax.weights.loading',
+}
+__all__ = sorted(_API)
 
 
 def __getattr__(name):
-  # Checkpoint readers load on first use: orbax is slow to import.
-  if name in _CHECKPOINT_API:
-    from resnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    return getattr(checkpoints, name)
+  if name in _API:
+    return getattr(importlib.import_module(_API[name]), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_API))

@@ -35,7 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax import checkpoints, data, models, train
+from resnet_jax.weights import loading
+from resnet_jax import data
+from resnet_jax import models
+from resnet_jax.training import state as state_lib
 
 _BLOCK = re.compile(r'^stage(\d+)_block(\d+)$')
 _RESPONSE = re.compile(r'^conv(\d+)_response$')
@@ -225,6 +228,6 @@ def run_layer_responses(workdir: str, *, role: str = 'test',
   """
   config = load_run_config(workdir)
   source = source or data.create_data_source(config, process_index=0, process_count=1)
-  model = train.create_model(config, source.num_classes)
-  variables = checkpoints.load_variables(workdir)
+  model = state_lib.create_model(config, source.num_classes)
+  variables = loading.load_variables(workdir)
   return layer_responses_from_batches(model, variables, source.eval_batches(role))

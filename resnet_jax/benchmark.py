@@ -8,7 +8,7 @@
 Prints a table and writes JSON (`--json`): compile time, train and eval
 images/second (median over `--steps` timed steps after warm-up, with min and
 max), peak memory, and the input pipeline's images/second. The steps are
-exactly `train.train_step` / `train.eval_step`, jit-compiled and sharded as in
+exactly `steps.train_step` / `steps.eval_step`, jit-compiled and sharded as in
 training, fed one fixed on-device batch of random data (the synthetic source)
 so the figures are the model's, not the data's. `--torch` also times the
 PyTorch reference of the same CIFAR network (benchmarks/torch_reference.py,
@@ -17,7 +17,6 @@ needs `pip install torch`), alternating with JAX, and prints the ratios.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -30,11 +29,13 @@ from typing import Any, Callable
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from resnet_jax import api, benchmark_input, data, host_memory, optim, parallel, train
+from resnet_jax import benchmark_input
+from resnet_jax import data
+from resnet_jax.kernels import host_memory
+from resnet_jax.training import build, parallel
 
 FLAGS = flags.FLAGS
 
@@ -82,18 +83,12 @@ class JaxSteps:
 
   def __init__(self, config):
     self.config = config
-    mesh = parallel.create_mesh()
-    parallel.check_batch_sizes(config, mesh)
-    dataset = config.data.dataset
-    self.image_shape = ((config.data.image_size,) * 2 + (3,) if dataset == 'imagenet2012'
-                        else (32, 32, 3))
-    num_classes = 1000 if dataset == 'imagenet2012' else 10
-    model = train.create_model(config, num_classes)
-    tx = optim.create_optimizer(config)
-    schedule = optim.create_schedule(config, steps_per_epoch=1000)
-    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    self.state = jax.jit(functools.partial(train.create_train_state, model, tx, self.image_shape),
-                         static_argnums=0, out_shardings=replicated)(config.seed)
+    config = config.copy_and_resolve_references()
+    config.data.source = 'synthetic'  # shapes only: the steps run on a fixed random batch
+    run = build.build(config)
+    self.image_shape, num_classes = run.source.image_shape, run.source.num_classes
+    self.state = run.init_state()
+    self.kernels = run.kernels
     rng = np.random.default_rng(0)
 
     def batch(size):
@@ -101,16 +96,11 @@ class JaxSteps:
       return parallel.shard_batch({
           'image': rng.normal(size=(local, *self.image_shape)).astype(np.float32),
           'label': rng.integers(0, num_classes, local).astype(np.int32),
-          'mask': np.ones(local, bool)}, sharded)
+          'mask': np.ones(local, bool)}, run.batch_sharding)
 
     self.train_batch = {k: v for k, v in batch(config.batch_size).items() if k != 'mask'}
-    self.eval_batch = batch(config.eval_batch_size)
-    train_fn = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                 log_every=config.log_every_steps)
-    eval_fn = functools.partial(train.eval_step, model=model)
-    self._train = jax.jit(train_fn, in_shardings=(replicated, sharded),
-                          out_shardings=(replicated, replicated), donate_argnums=0)
-    self._eval = jax.jit(eval_fn, in_shardings=(replicated, sharded), out_shardings=replicated)
+    self.eval_batch = batch(run.source.eval_batch_size)
+    self._train, self._eval = run.train_step, run.eval_step
     self.num_params = sum(x.size for x in jax.tree.leaves(self.state.params))
 
   def compile(self) -> dict[str, float]:
@@ -179,7 +169,7 @@ def run(config, *, steps: int, warmup: int, rounds: int, use_torch: bool,
       'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
       'platform': jax.devices()[0].platform, 'cpu_count': os.cpu_count(),
       'machine': platform.machine(), 'jax': jax.__version__,
-      'kernels': api.resolve_conv(config.model.conv, config.model.dtype)[1],
+      'kernels': jax_steps.kernels,
       'host_memory': host_memory.status}
   result.update(jax_steps.compile())
   print(f"compiled: train {result['train_compile_seconds']:.1f} s, "

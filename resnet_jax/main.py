@@ -4,7 +4,7 @@
     python -m resnet_jax.main --config=experiments/cifar_resnet20.py --workdir=/tmp/r20 \
         --config.batch_size=64 --config.seed=1
 
-Flags and wiring only: the run itself is `train.train_and_evaluate`, which the
+Flags and wiring only: the run itself is `loop.train_and_evaluate`, which the
 notebooks call too. Running the same command again on the same workdir resumes.
 """
 
@@ -14,8 +14,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_jax import data, train
-from resnet_jax.checkpoints import CheckpointError, CheckpointMismatchError
+from resnet_jax import data
+from resnet_jax.training import loop
+from resnet_jax.training.checkpoints import CheckpointError, CheckpointMismatchError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
@@ -29,14 +30,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.getLogger('absl').setLevel(logging.WARNING)
   try:
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.RunInterrupted as e:
+    result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except loop.RunInterrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)  # the shell convention for "killed by this signal"
-  except (data.DataError, CheckpointError, CheckpointMismatchError, train.NonFiniteError,
+  except (data.DataError, CheckpointError, CheckpointMismatchError, loop.NonFiniteError,
           ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2 if not isinstance(e, train.NonFiniteError) else 3)
+    sys.exit(2 if not isinstance(e, loop.NonFiniteError) else 3)
   if result.get('test_error') is not None:
     print(f"Final test error: {result['test_error']:.2f}% over {result['test_examples']} "
           f"examples ({result['data']}); results in {FLAGS.workdir}/result.json")

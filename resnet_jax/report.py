@@ -39,7 +39,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from resnet_jax import metrics as metrics_lib
+from resnet_jax.training import metrics as metrics_lib
 from resnet_jax import models
 
 # --- The paper's numbers ------------------------------------------------------
@@ -465,7 +465,8 @@ def group_responses(groups: Sequence[Group], *, log=logging.warning) -> tuple[di
   Returns ({label: LayerResponses}, {workdir: LayerResponses}). Runs whose
   checkpoint or data cannot be read are skipped with a warning.
   """
-  from resnet_jax import analysis, data  # pylint: disable=g-import-not-at-top
+  from resnet_jax import analysis  # pylint: disable=g-import-not-at-top
+  from resnet_jax import data  # pylint: disable=g-import-not-at-top
   labels = _labels(groups)
   sources: dict[str, Any] = {}
   per_group, per_run = {}, {}

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import api, models
+from resnet_jax import models
 
 # Table 1 / Table 6 of the paper (and the option-B parameter counts every
 # common implementation has). None where the paper gives no figure.
@@ -78,7 +78,7 @@ def count_params(tree: Any) -> int:
 
 def model_summary(name: str, **overrides) -> dict[str, Any]:
   """Parameters and multiply-adds per image of the named model, from the model itself."""
-  model = api.create_model(name, **overrides)
+  model = models.create_model(name, **overrides)
   x = jax.ShapeDtypeStruct(models.default_input_shape(name), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   macs = count_macs(lambda v, x: model.apply(v, x, train=False), variables, x)
@@ -94,7 +94,7 @@ def summary_table(names: list[str] | None = None) -> str:
   """A Markdown table of parameters and multiply-adds beside the paper's numbers."""
   rows = ['| model | params | paper params | mult-adds | paper mult-adds |',
           '|---|---|---|---|---|']
-  for name in names or api.list_models():
+  for name in names or models.list_models():
     s = model_summary(name)
     rows.append(f"| {name} | {s['params']:,} | {_fmt(s['paper_params'], 1e6, 'M')} | "
                 f"{_fmt(s['macs'], 1e9, 'G', 3)} | {_fmt(s['paper_macs'], 1e9, 'G', 1)} |")

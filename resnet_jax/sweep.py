@@ -14,7 +14,7 @@ cifar_table6 (ResNet-20..110), cifar_table6_all (+ ResNet-1202), cifar_fig6
 
 Run k of experiment E goes to RESULTS/E/seed<k>/. A run whose result.json
 exists is skipped; an interrupted one resumes from its checkpoints (that is
-what `train.train_and_evaluate` does in a workdir that holds some). So the same
+what `loop.train_and_evaluate` does in a workdir that holds some). So the same
 command can be run again until everything is done, then
 `python -m resnet_jax.report RESULTS` makes the tables and figures.
 
@@ -209,7 +209,7 @@ def run_all(runs: Sequence[Run], *, in_process: bool = False, log=print) -> list
   """Runs the unfinished `runs` in order; returns those that failed.
 
   An interrupted run (SIGINT/SIGTERM) stops the sweep: it re-raises
-  `train.RunInterrupted` (in process) or exits with the run's status.
+  `loop.RunInterrupted` (in process) or exits with the run's status.
   """
   configs = {id(r): parse_config(r.config_file, r.overrides) for r in runs}
   for r in runs:  # before spending any time, refuse to mix incompatible runs
@@ -222,11 +222,11 @@ def run_all(runs: Sequence[Run], *, in_process: bool = False, log=print) -> list
     log(f'[{i + 1}/{len(todo)}] {r.experiment} seed {r.seed} -> {r.workdir}')
     start = time.time()
     if in_process:
-      from resnet_jax import train  # pylint: disable=g-import-not-at-top
+      from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top
       try:
-        train.train_and_evaluate(configs[id(r)], r.workdir)
+        loop.train_and_evaluate(configs[id(r)], r.workdir)
         ok = True
-      except train.RunInterrupted:
+      except loop.RunInterrupted:
         raise
       except Exception as e:  # pylint: disable=broad-except
         log(f'  failed: {type(e).__name__}: {e}')
@@ -279,10 +279,10 @@ def main(argv):
       if not r.finished:
         print(r.shell_command())
     return
-  from resnet_jax import train  # pylint: disable=g-import-not-at-top
+  from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top
   try:
     failed = run_all(runs, in_process=FLAGS.in_process)
-  except train.RunInterrupted as e:
+  except loop.RunInterrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)
   except ValueError as e:

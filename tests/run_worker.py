@@ -16,7 +16,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from resnet_jax import configs, metrics, parallel, train
+from resnet_jax import configs
+from resnet_jax.training import metrics
+from resnet_jax.training import parallel
+from resnet_jax.training import loop
 
 
 def main(out, workdir, *overrides):
@@ -33,7 +36,7 @@ def main(out, workdir, *overrides):
     for part in path:
       target = target[part]
     target[last] = value
-  result = train.train_and_evaluate(config, workdir)
+  result = loop.train_and_evaluate(config, workdir)
   state = parallel.fetch(result['state'])
   arrays = {}
   for name in ('params', 'batch_stats'):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax import analysis, models
+from resnet_jax import analysis
+from resnet_jax import models
 
 
 def _shapes(name, **kw):

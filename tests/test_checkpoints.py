@@ -27,7 +27,13 @@ from jax.experimental.compilation_cache import compilation_cache
 from orbax.checkpoint._src.path import atomicity
 
 import resnet_jax
-from resnet_jax import checkpoints, configs, data, metrics, train
+from resnet_jax.training import checkpoints
+from resnet_jax.weights import loading
+from resnet_jax import configs
+from resnet_jax import data
+from resnet_jax.training import metrics
+from resnet_jax.training import loop
+from resnet_jax.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, 'experiments', 'digits_resnet20.py')
@@ -119,7 +125,7 @@ def _max_logged_step(workdir):
 
 
 def steps_on_disk(workdir):
-  return checkpoints._steps(os.path.join(workdir, 'checkpoints'))  # pylint: disable=protected-access
+  return loading.steps(os.path.join(workdir, 'checkpoints'))  # pylint: disable=protected-access
 
 
 def train_losses(workdir):
@@ -139,7 +145,7 @@ def assert_trees_equal(a, b):
 
 def assert_same_run(workdir, reference):
   """Bit-identical final train state, logged losses and test error."""
-  state, expected = checkpoints.load_state(workdir), checkpoints.load_state(reference)
+  state, expected = loading.load_state(workdir), loading.load_state(reference)
   assert int(state['step']) == int(expected['step']) == STEPS
   assert_trees_equal(state, expected)  # params, batch_stats, opt_state, rng, metric sums
   assert train_losses(workdir) == train_losses(reference)
@@ -194,7 +200,7 @@ def broken_runs(tmp_path_factory, jax_cache, reference):
   runs.interrupted_names = sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
   runs.interrupted_steps = steps_on_disk(runs.interrupted)
   runs.interrupted_logged = _max_logged_step(runs.interrupted)
-  runs.interrupted_state_step = int(checkpoints.load_state(runs.interrupted)['step'])
+  runs.interrupted_state_step = int(loading.load_state(runs.interrupted)['step'])
   # Only the length and the console change for the resumed 'split' run.
   split, interrupted = Run(runs.split, jax_cache, progress_bar=True), Run(runs.interrupted, jax_cache)
   runs.split_second, runs.interrupted_second = split.finish(), interrupted.finish()
@@ -255,11 +261,11 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(referen
   del reference  # only for its warm compilation cache
   config = make_config()
   source = NanAt(data.create_data_source(config), step=4)  # the 5th step
-  with pytest.raises(train.NonFiniteError, match='Step 5: .* not finite'):
-    train.train_and_evaluate(config, str(tmp_path), source=source)
+  with pytest.raises(loop.NonFiniteError, match='Step 5: .* not finite'):
+    loop.train_and_evaluate(config, str(tmp_path), source=source)
   assert steps_on_disk(tmp_path) == [3]  # nothing written past the bad step
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3']  # no save was in flight
-  state = checkpoints.load_state(str(tmp_path))
+  state = loading.load_state(str(tmp_path))
   assert int(state['step']) == 3
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
 
@@ -275,7 +281,7 @@ def test_damaged_latest_checkpoint_and_leftover_tmp_dir_are_skipped(reference, t
   shutil.rmtree(os.path.join(ckpt_dir, '12.orbax-checkpoint-tmp', 'state'))
 
   with caplog.at_level('WARNING'):
-    out = train.train_and_evaluate(make_config(num_train_steps=12, checkpoint_every_steps=1),
+    out = loop.train_and_evaluate(make_config(num_train_steps=12, checkpoint_every_steps=1),
                                    workdir)
   warnings = '\n'.join(r.getMessage() for r in caplog.records if r.levelname == 'WARNING')
   assert os.path.join(ckpt_dir, '10') in warnings and 'Skipping' in warnings
@@ -285,8 +291,8 @@ def test_damaged_latest_checkpoint_and_leftover_tmp_dir_are_skipped(reference, t
   assert [n for n in names if n.startswith('10.damaged-')]  # moved aside, not deleted
   assert steps_on_disk(workdir) == [12, 11, 10]  # steps 10 and 12 written again
   # Step 10 recomputed from step 9 in this process equals the reference's step 10.
-  assert_trees_equal(checkpoints.load_state(os.path.join(ckpt_dir, '10')),
-                     checkpoints.load_state(reference))
+  assert_trees_equal(loading.load_state(os.path.join(ckpt_dir, '10')),
+                     loading.load_state(reference))
   assert train_losses(workdir)[10] == train_losses(reference)[10]
 
 
@@ -300,7 +306,7 @@ def test_a_checkpoint_of_another_experiment_is_refused(reference, tmp_path, chan
   shutil.copytree(reference, workdir)
   before = sorted(os.listdir(workdir)), steps_on_disk(workdir), train_losses(workdir)
   with pytest.raises(checkpoints.CheckpointMismatchError) as error:
-    train.train_and_evaluate(make_config(**change), workdir)
+    loop.train_and_evaluate(make_config(**change), workdir)
   assert message in str(error.value) and '--workdir' in str(error.value)
   assert (sorted(os.listdir(workdir)), steps_on_disk(workdir), train_losses(workdir)) == before
 
@@ -349,11 +355,11 @@ def test_an_8_device_checkpoint_restores_on_1_device_and_for_inference(first_run
   assert abs(error - written['test_error']) <= 100.0 / 40 + 1e-9  # at most one tie flips
 
   # A 1-device run restores it exactly, and carries on training.
-  out = train.train_and_evaluate(make_config(num_train_steps=6), workdir)
+  out = loop.train_and_evaluate(make_config(num_train_steps=6), workdir)
   assert out['device_count'] == 1 and out['resumed_from_step'] == 6
   assert_trees_equal({'params': out['state'].params, 'batch_stats': out['state'].batch_stats},
                      variables)
-  out = train.train_and_evaluate(make_config(num_train_steps=8), workdir)
+  out = loop.train_and_evaluate(make_config(num_train_steps=8), workdir)
   assert out['resumed_from_step'] == 6 and steps_on_disk(workdir)[0] == 8
   assert np.isfinite(train_losses(workdir)[8])
 
@@ -364,7 +370,7 @@ def test_an_8_device_checkpoint_restores_on_1_device_and_for_inference(first_run
 
 def small_state(step, value=None):
   value = float(step) if value is None else value
-  return train.TrainState(
+  return state_lib.TrainState(
       step=jnp.asarray(step, jnp.int32), params={'w': jnp.full((4096,), value)},
       batch_stats={'mean': jnp.zeros((3,))}, opt_state={'m': jnp.ones((4096,))},
       rng=jax.random.PRNGKey(step), warmup_active=jnp.ones((), jnp.bool_),
@@ -461,9 +467,9 @@ def test_restore_skips_damaged_checkpoints_and_moves_them_aside(tmp_path, caplog
 
 
 @pytest.mark.parametrize('error,status', [
-    (train.RunInterrupted(signal.SIGTERM, 5), 128 + signal.SIGTERM),
-    (train.RunInterrupted(signal.SIGINT, 5), 128 + signal.SIGINT),
-    (train.NonFiniteError('Step 5: loss nan'), 3),
+    (loop.RunInterrupted(signal.SIGTERM, 5), 128 + signal.SIGTERM),
+    (loop.RunInterrupted(signal.SIGINT, 5), 128 + signal.SIGINT),
+    (loop.NonFiniteError('Step 5: loss nan'), 3),
     (checkpoints.CheckpointError('disk full'), 2),
     (checkpoints.CheckpointMismatchError('another model'), 2),
 ])
@@ -473,7 +479,7 @@ def test_main_exit_status_says_what_happened(monkeypatch, tmp_path, error, statu
   def fail(*args, **kwargs):
     raise error
 
-  monkeypatch.setattr(train, 'train_and_evaluate', fail)
+  monkeypatch.setattr(main.loop, 'train_and_evaluate', fail)
   flags.FLAGS(['main', f'--config={EXPERIMENT}', f'--workdir={tmp_path}'])
   try:
     with pytest.raises(SystemExit) as exit_:

@@ -8,10 +8,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from resnet_jax import api, optim, parallel, summary, train
+from resnet_jax.training import optim
+from resnet_jax.training import parallel
+from resnet_jax import summary
+from resnet_jax.training import state as state_lib
+from resnet_jax.training import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, 'experiments', '*.py')))
@@ -45,14 +48,14 @@ def test_experiment_loads_builds_its_model_and_passes_start_up_checks(path):
   assert 'python -m resnet_jax.main --config=experiments/' in module.__doc__
   # What it should reach: a number from a table, or the figure it appears in.
   assert '%' in module.__doc__ or 'Fig. 6' in module.__doc__
-  train.check_config(config)
+  build.check_config(config)
   mesh = parallel.create_mesh()
   parallel.check_batch_sizes(config, mesh)
   steps_per_epoch = TRAIN_EXAMPLES[config.data.dataset] // config.batch_size
   steps = optim.num_train_steps(config, steps_per_epoch)
   schedule = optim.create_schedule(config, steps_per_epoch)
   assert all(0 < b < steps for b in schedule.boundaries)
-  model = train.create_model(config, num_classes=1000 if 'imagenet' in config.data.dataset else 10)
+  model = state_lib.create_model(config, num_classes=1000 if 'imagenet' in config.data.dataset else 10)
   shape = (1, config.data.image_size, config.data.image_size, 3) if 'imagenet' in path else (1, 32, 32, 3)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
   assert summary.count_params(variables['params']) > 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax import cpu_conv
+from resnet_jax.kernels import cpu_conv
 
 from model_compare import train_loss_and_grads  # tests/model_compare.py
 

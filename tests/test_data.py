@@ -16,6 +16,7 @@ from tensorflow_datasets.core.download import checksums
 from resnet_jax import benchmark_input
 from resnet_jax import configs
 from resnet_jax import data
+from resnet_jax.data import arrays, imagenet, tfds_source
 
 N = 40  # examples per mock split: 5 steps per epoch at batch 8
 
@@ -200,10 +201,19 @@ def test_statistics_cache(tmp_path):
   assert path.exists()
   np.testing.assert_allclose(first['pixel_mean'], images.mean(0))
   np.testing.assert_allclose(first['channel_std'], images.reshape(-1, 3).std(0))
-  cached = data.cached_image_statistics(images[::-1].copy() // 2, path)  # same size: read back
-  np.testing.assert_array_equal(cached['pixel_mean'], first['pixel_mean'])
-  fresh = data.cached_image_statistics(images[:5], path)  # other split: recomputed
+  # The same images read the file back (marked here, to tell reading from recomputing).
+  with np.load(path) as f:
+    marked = {**dict(f), 'pixel_mean': np.full((4, 4, 3), 7.0)}
+  np.savez(path, **marked)
+  np.testing.assert_array_equal(data.cached_image_statistics(images, path)['pixel_mean'], 7.0)
+  # Other images of the same size, or another split, are recomputed and re-cached.
+  other = images[::-1] // 2
+  np.testing.assert_allclose(data.cached_image_statistics(other, path)['pixel_mean'], other.mean(0))
+  fresh = data.cached_image_statistics(images[:5], path)
   np.testing.assert_allclose(fresh['pixel_mean'], images[:5].mean(0))
+  with np.load(path) as f:
+    np.testing.assert_allclose(f['pixel_mean'], images[:5].mean(0))
+  assert sorted(os.listdir(path.parent)) == ['x.npz']  # no temporary files left
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +234,7 @@ def test_imagenet_without_manual_files_names_dir_and_files(tmp_path):
 
 def test_offline_failure_is_clear_and_tries_no_download(tmp_path, monkeypatch):
   probed = []
-  monkeypatch.setattr(data, 'can_reach', lambda host, *a, **k: probed.append(host) or False)
+  monkeypatch.setattr(tfds_source, 'can_reach', lambda host, *a, **k: probed.append(host) or False)
   def no_download(*args, **kwargs):
     raise AssertionError('download_and_prepare must not run when the probe fails')
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', no_download)
@@ -247,9 +257,9 @@ def test_connectivity_probe_gives_up_on_a_host_that_never_answers(monkeypatch):
     calls.append((address, timeout))
     release.wait()
     raise OSError('released')
-  monkeypatch.setattr(data.socket, 'create_connection', hanging_connection)
+  monkeypatch.setattr(tfds_source.socket, 'create_connection', hanging_connection)
   try:
-    assert data.can_reach('unreachable.invalid', port=443, timeout=0.2) is False
+    assert tfds_source.can_reach('unreachable.invalid', port=443, timeout=0.2) is False
   finally:
     release.set()
   assert calls == [(('unreachable.invalid', 443), 0.2)]
@@ -259,10 +269,10 @@ def test_connectivity_probe_on_local_sockets():
   with socket.socket() as server:
     server.bind(('127.0.0.1', 0))
     server.listen(1)
-    assert data.can_reach('127.0.0.1', port=server.getsockname()[1], timeout=5.0) is True
+    assert tfds_source.can_reach('127.0.0.1', port=server.getsockname()[1], timeout=5.0) is True
   with socket.socket() as closed:  # bound, not listening: refused at once
     closed.bind(('127.0.0.1', 0))
-    assert data.can_reach('127.0.0.1', port=closed.getsockname()[1], timeout=5.0) is False
+    assert tfds_source.can_reach('127.0.0.1', port=closed.getsockname()[1], timeout=5.0) is False
 
 
 def _fake_cifar_archive(path, per_file=4):
@@ -281,7 +291,7 @@ def _fake_cifar_archive(path, per_file=4):
 
 
 def test_archive_in_manual_dir_prepares_cifar_offline(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, 'can_reach', lambda *args, **kwargs: False)
+  monkeypatch.setattr(tfds_source, 'can_reach', lambda *args, **kwargs: False)
   manual = tmp_path / 'downloads' / 'manual'
   manual.mkdir(parents=True)
   archive = manual / 'cifar-10-binary.tar.gz'
@@ -303,7 +313,7 @@ def test_archive_in_manual_dir_prepares_cifar_offline(tmp_path, monkeypatch):
 
 
 def test_failed_preparation_leaves_nothing_behind(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, 'can_reach', lambda *args, **kwargs: False)
+  monkeypatch.setattr(tfds_source, 'can_reach', lambda *args, **kwargs: False)
   manual = tmp_path / 'downloads' / 'manual'
   manual.mkdir(parents=True)
   (manual / 'cifar-10-binary.tar.gz').write_bytes(b'not the real archive')  # wrong checksum
@@ -319,7 +329,7 @@ def test_failed_preparation_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_digits_source():
-  raw = data._digits_arrays(0.2)  # pylint: disable=protected-access
+  raw = arrays.digits_arrays(0.2)
   assert len(raw['train'][0]) + len(raw['test'][0]) == 1797 and len(raw['test'][0]) == 360
   for images, labels in raw.values():
     assert images.shape[1:] == (32, 32, 3) and images.dtype == np.uint8
@@ -368,19 +378,19 @@ def _jpeg(value=None, height=40, width=30):
 def test_imagenet_preprocessing_functions():
   d = imagenet_config(pca_lighting=0.0).data
   seed = tf.constant([1, 2], tf.int64)
-  image = data.imagenet_train_image(_jpeg(), seed, d)
+  image = imagenet.imagenet_train_image(_jpeg(), seed, d)
   assert image.shape == (16, 16, 3) and image.dtype == tf.float32
-  np.testing.assert_array_equal(image, data.imagenet_train_image(_jpeg(), seed, d))
-  assert not np.array_equal(image, data.imagenet_train_image(_jpeg(), seed + 1, d))
+  np.testing.assert_array_equal(image, imagenet.imagenet_train_image(_jpeg(), seed, d))
+  assert not np.array_equal(image, imagenet.imagenet_train_image(_jpeg(), seed + 1, d))
   # A grey image stays grey: only the mean is subtracted.
-  grey = data.imagenet_train_image(_jpeg(128), seed, d).numpy()
-  expected = np.broadcast_to(128 - np.array(data.IMAGENET_MEAN_RGB), grey.shape)
+  grey = imagenet.imagenet_train_image(_jpeg(128), seed, d).numpy()
+  expected = np.broadcast_to(128 - np.array(imagenet.IMAGENET_MEAN_RGB), grey.shape)
   np.testing.assert_allclose(grey, expected, atol=2)
-  lit = data.imagenet_train_image(_jpeg(128), seed, imagenet_config(pca_lighting=0.1).data).numpy()
+  lit = imagenet.imagenet_train_image(_jpeg(128), seed, imagenet_config(pca_lighting=0.1).data).numpy()
   shift = (lit - grey).reshape(-1, 3)
   assert np.ptp(shift, axis=0).max() < 1e-3 and np.abs(shift[0]).max() > 0  # one RGB offset
-  assert data.imagenet_eval_image(_jpeg(), d).shape == (16, 16, 3)
-  crops = data.imagenet_eval_image(_jpeg(), imagenet_config(ten_crop=True).data).numpy()
+  assert imagenet.imagenet_eval_image(_jpeg(), d).shape == (16, 16, 3)
+  crops = imagenet.imagenet_eval_image(_jpeg(), imagenet_config(ten_crop=True).data).numpy()
   assert crops.shape == (10, 16, 16, 3)
   np.testing.assert_array_equal(crops[5:], crops[:5, :, ::-1])
 

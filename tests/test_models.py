@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax import models, summary
+from resnet_jax import models
+from resnet_jax import summary
 
 
 def _shapes(name, **kw):

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import resnet_jax
-from resnet_jax import api, host_memory, models, onednn
+from resnet_jax import models
+from resnet_jax.kernels import host_memory
+from resnet_jax.kernels import onednn
 
 from model_compare import train_loss_and_grads  # tests/model_compare.py
 
@@ -116,8 +118,8 @@ def test_resnet_trains_the_same_with_onednn_as_with_xla():
 def test_auto_picks_onednn_only_where_it_runs():
   _require_onednn()
   assert jax.device_count() == 1 and jax.default_backend() == 'cpu'
-  assert api.resolve_conv('auto')[0] is onednn.Conv
-  module, why = api.resolve_conv('auto', jnp.bfloat16)
+  assert models.resolve_conv('auto')[0] is onednn.Conv
+  module, why = models.resolve_conv('auto', jnp.bfloat16)
   assert module is nn.Conv and 'bfloat16' in why
   with pytest.raises(ValueError, match="conv='onednn' cannot run here: compute dtype bfloat16"):
     resnet_jax.create_model('cifar_resnet20', conv='onednn', dtype='bfloat16')

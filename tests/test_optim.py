@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import configs, optim
+from resnet_jax import configs
+from resnet_jax.training import optim
 
 
 def _lr(schedule, step, warmup_active=True):

@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from resnet_jax import report, sweep
+from resnet_jax import report
+from resnet_jax import sweep
 
 _SETTINGS = ['num_train_steps=6', 'batch_size=16', 'eval_batch_size=360', 'eval_every_steps=3',
              'log_every_steps=2', 'checkpoint_every_steps=6', 'lr_boundaries_steps=()',

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from resnet_jax import configs, models, optim, parallel, train
+from resnet_jax import configs
+from resnet_jax import models
+from resnet_jax.training import optim
+from resnet_jax.training import parallel
+from resnet_jax.training import loop
+from resnet_jax.training import state as state_lib
+from resnet_jax.training import steps
+from resnet_jax.training import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'run_worker.py')
@@ -32,10 +39,10 @@ def test_loss_falls_on_a_fixed_batch():
   config = configs.cifar('cifar_resnet20', learning_rate=0.05, lr_boundaries_steps=())
   tx = optim.create_optimizer(config)
   schedule = optim.create_schedule(config, steps_per_epoch=1)
-  state = train.create_train_state(model, tx, (32, 32, 3), seed=0)
+  state = state_lib.create_train_state(model, tx, (32, 32, 3), seed=0)
   batch = {'image': jax.random.normal(jax.random.key(0), (16, 32, 32, 3)),
            'label': jnp.arange(16) % 10}
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
                                    log_every=10), donate_argnums=0)
   losses = []
   for _ in range(30):
@@ -49,16 +56,16 @@ def test_nonfinite_step_leaves_the_state_unchanged():
   model = models.cifar_resnet(8)
   config = configs.cifar('cifar_resnet20')
   tx = optim.create_optimizer(config)
-  state = train.create_train_state(model, tx, (32, 32, 3), seed=0)
+  state = state_lib.create_train_state(model, tx, (32, 32, 3), seed=0)
   batch = {'image': jnp.full((4, 32, 32, 3), jnp.nan), 'label': jnp.zeros(4, jnp.int32)}
-  new, m = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+  new, m = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                      schedule=optim.create_schedule(config, 1), log_every=1))(state, batch)
   assert not bool(m['finite'])
   jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
 
 
 def test_train_and_evaluate_writes_documented_files_and_compiles_each_step_once(tmp_path):
-  result = train.train_and_evaluate(_tiny_config(), str(tmp_path))
+  result = loop.train_and_evaluate(_tiny_config(), str(tmp_path))
   # 6 steps, evaluation at steps 3 and 6: still one compilation of each step.
   assert result['compilations'] == {'train_step': 1, 'eval_step': 1}
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
@@ -90,7 +97,7 @@ def test_train_and_evaluate_on_tfds_cifar10(tmp_path):
   config.data.data_dir = str(tmp_path / 'data')
   config.eval_batch_size = 16
   with tfds.testing.mock_data(num_examples=64):
-    result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    result = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result['data'] == 'cifar10' and not result['synthetic']
   assert result['test_examples'] == 64
   assert result['best_validation_error'] is not None
@@ -100,7 +107,7 @@ def test_synthetic_runs_are_labelled_in_every_record(tmp_path):
   config = _tiny_config(num_train_steps=2, eval_every_steps=2, log_every_steps=1)
   config.data.source = 'synthetic'
   config.data.dataset = 'cifar10'
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   assert result['synthetic'] is True
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert records and all(r['synthetic'] is True for r in records)
@@ -109,7 +116,7 @@ def test_synthetic_runs_are_labelled_in_every_record(tmp_path):
 def test_error_based_warmup_ends_when_a_batch_error_drops_below_the_threshold(tmp_path):
   config = _tiny_config(num_train_steps=4, log_every_steps=1, eval_every_steps=4,
                         warmup_until_train_error=1.01)  # every batch error is < 101%
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   assert not bool(result['state'].warmup_active)
   lrs = [json.loads(l)['learning_rate'] for l in open(tmp_path / 'metrics.jsonl')]
   assert lrs[0] == pytest.approx(0.01) and lrs[1] == pytest.approx(0.1)
@@ -127,7 +134,7 @@ def test_start_up_checks_name_the_problem():
   with pytest.raises(ValueError, match='batch_size=12 is not divisible by the 8 devices'):
     parallel.check_batch_sizes(_tiny_config(batch_size=12), EightDevices())
   with pytest.raises(ValueError, match='log_every_steps'):
-    train.check_config(_tiny_config(log_every_steps=0))
+    build.check_config(_tiny_config(log_every_steps=0))
 
 
 def _run(args, devices, env_extra=None, timeout=600):

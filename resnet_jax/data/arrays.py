@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 
 from absl import logging
 import numpy as np
@@ -71,6 +72,11 @@ def image_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
               channel_std=channel_std, num_examples=np.array(n))
 
 
+def cache_name(*parts: str) -> str:
+  """A file name for a statistics cache: the parts joined by '-', unsafe characters as '_'."""
+  return '-'.join(re.sub(r'[^A-Za-z0-9_.%-]+', '_', str(p)) for p in parts) + '.npz'
+
+
 def content_hash(images: np.ndarray) -> str:
   """A short digest of the pixels, so cached statistics never belong to other data."""
   return hashlib.blake2b(np.ascontiguousarray(images).data, digest_size=12).hexdigest()
@@ -99,7 +105,7 @@ def cached_image_statistics(images: np.ndarray, path=None) -> dict[str, np.ndarr
       tmp = path.parent / f'{path.name}.tmp{os.getpid()}'
       with tmp.open('wb') as f:
         np.savez(f, **stats)
-      tmp.rename(path)
+      tmp.replace(path)
     except OSError as e:  # e.g. a read-only shared data dir
       logging.warning('Could not cache image statistics at %s: %s', path, e)
   return stats

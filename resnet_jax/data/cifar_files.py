@@ -249,8 +249,8 @@ def files_source(config, **kw) -> arrays.ArraySource:
   evals = {role: (split, *base.resolve_split(split, splits, key))
            for role, split, key in base.eval_roles(d)}
   from etils import epath  # pylint: disable=g-import-not-at-top
-  safe = ''.join(c if c.isalnum() or c in '._%-' else '_' for c in d.train_split)
-  cache = epath.Path(d.data_dir) / 'resnet_jax_stats' / f'{d.dataset}-files-{safe}.npz'
+  cache = epath.Path(d.data_dir) / 'resnet_jax_stats' / arrays.cache_name(d.dataset, 'files',
+                                                                          d.train_split)
   return arrays.ArraySource(config, name=d.dataset, train=train, evals=evals,
                             stats=arrays.cached_image_statistics(train[0], cache),
                             num_classes=base.NUM_CLASSES[d.dataset], label_names=label_names,

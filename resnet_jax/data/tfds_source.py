@@ -147,9 +147,9 @@ def in_memory_source(config, **kw) -> arrays.ArraySource:
     ensure_prepared(b, manual_dir=d.manual_dir or None)
   train = load_arrays(b, d.train_split, 'train_split')
   # Never cache statistics of mock data where real statistics would be looked for.
-  safe = ''.join(c if c.isalnum() or c in '._%-' else '_' for c in d.train_split)
   cache = None if mocked else os.path.join(
-      os.fspath(b.data_dir_root), 'resnet_jax_stats', f'{b.name}-{b.version}-{safe}.npz')
+      os.fspath(b.data_dir_root), 'resnet_jax_stats',
+      arrays.cache_name(b.name, b.version, d.train_split))
   evals = {role: (split, *load_arrays(b, split, key))
            for role, split, key in base.eval_roles(d)}
   label = b.info.features['label']

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_jax import cpu_conv
-from resnet_jax import models
+from resnet_jax.kernels import cpu_conv
+from resnet_jax.models import resnet as models
 
 _SOURCE = Path(__file__).parent / 'csrc' / 'onednn_ops.cc'
 _TARGETS = {'conv_fwd': 'ResnetJaxConvFwd', 'conv_bwd': 'ResnetJaxConvBwd',

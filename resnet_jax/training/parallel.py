@@ -51,9 +51,31 @@ def initialize_distributed(config) -> None:
                jax.device_count())
 
 
-def create_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def create_mesh(devices: list[Any] | None = None) -> Mesh:
+  """A 1-D 'data' mesh over every device of every process.
+
+  Built with `jax.make_mesh`, which orders the devices by the physical
+  topology (TPU slices, NVLink islands). The data pipeline hands each process
+  a contiguous block of rows of every global batch, so each process's devices
+  must be contiguous along the axis; where the topology order is not, the
+  devices are ordered by (process, id) instead, which is always valid.
+  """
+  if devices is None:
+    try:
+      mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+    except (ValueError, NotImplementedError, TypeError) as e:  # unusual topologies
+      logging.info('jax.make_mesh failed (%s); ordering devices by process.', e)
+    else:
+      if _process_contiguous(list(mesh.devices.flat)):
+        return mesh
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def _process_contiguous(devices: list[Any]) -> bool:
+  processes = [d.process_index for d in devices]
+  runs = [p for i, p in enumerate(processes) if i == 0 or processes[i - 1] != p]
+  return len(runs) == len(set(runs)) and runs == sorted(runs)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -65,20 +87,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_sizes(config, mesh: Mesh) -> None:
-  """Start-up checks: every global batch divides over devices and processes."""
+  """Start-up checks: the training batch divides over the devices (evaluation
+  batches are padded to a multiple of the device count, so any size works)."""
   devices, processes = mesh.size, jax.process_count()
-  for key in ('batch_size', 'eval_batch_size'):
-    size = config[key]
-    if size <= 0 or size % devices:
-      raise ValueError(
-          f'config.{key}={size} is not divisible by the {devices} devices '
-          f'({processes} process(es)); choose a multiple of {devices}, e.g. '
-          f'--config.{key}={max(devices, size // devices * devices or devices)}.')
+  size = config.batch_size
+  if size <= 0 or size % devices:
+    below = size // devices * devices
+    options = sorted({n for n in (below, below + devices, 2 * (below + devices)) if n > 0})
+    raise ValueError(
+        f'config.batch_size={size} cannot be split evenly over the {devices} devices '
+        f'({processes} process(es)): use a multiple of {devices}, e.g. '
+        + ' or '.join(f'--config.batch_size={n}' for n in options) + '.')
+  if config.eval_batch_size <= 0:
+    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} must be positive.')
   ghost = config.model.ghost_batch_size
-  per_device = config.batch_size // devices
+  per_device = size // devices
   if ghost and per_device % ghost:
     raise ValueError(f'model.ghost_batch_size={ghost} must divide the per-device batch of '
-                     f'{per_device} (batch_size={config.batch_size} over {devices} devices).')
+                     f'{per_device} (batch_size={size} over {devices} devices).')
 
 
 def shard_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

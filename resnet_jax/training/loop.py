@@ -1,17 +1,14 @@
-"""The train state, the jit-compiled data-parallel train and eval steps, and the run loop.
+"""The run loop: `train_and_evaluate(config, workdir)` is the whole run.
 
-`train_and_evaluate(config, workdir)` is the whole run: it is what
-`python -m resnet_jax.main` and the notebooks call. The steps are pure
-functions of (state, batch); everything they need is decided from the config
-before they are compiled, once.
+It is what `python -m resnet_jax.main` and the notebooks call: build the run
+(`build.py`), restore or initialise the state, then train with evaluation,
+logging and checkpoints on fixed step boundaries, and write result.json.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
-import logging
 import os
 import platform
 import signal
@@ -20,25 +17,12 @@ import threading
 import time
 from typing import Any, Callable
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-from resnet_jax import api, checkpoints, data, metrics, optim, parallel
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array            # iterations done
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array             # raw PRNG key; the step's key is fold_in(rng, step)
-  warmup_active: jax.Array   # ResNet-110 warm-up still on (error-based warm-up)
-  metric_sums: dict[str, jax.Array]  # running sums since the last logged step
+from resnet_jax.training import build as build_lib
+from resnet_jax.training import checkpoints, metrics, parallel
+from resnet_jax.training.state import TrainState
 
 
 class NonFiniteError(FloatingPointError):
@@ -55,103 +39,6 @@ class RunInterrupted(Exception):
     self.step = step
 
 
-_METRIC_KEYS = ('loss', 'error', 'count')
-
-
-def create_model(config, num_classes: int) -> nn.Module:
-  m = config.model
-  return api.create_model(
-      m.name, shortcut=m.shortcut, dtype=m.dtype, bn_momentum=m.bn_momentum,
-      bn_epsilon=m.bn_epsilon, ghost_batch_size=m.ghost_batch_size,
-      zero_init_last_bn=m.zero_init_last_bn, stride_on_3x3=m.stride_on_3x3,
-      scan_blocks=m.scan_blocks, remat=m.remat, conv=m.conv, num_classes=num_classes)
-
-
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...], seed: int) -> TrainState:
-  rng = jax.random.PRNGKey(seed)
-  init_rng, state_rng = jax.random.split(rng)
-  variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-  params = variables['params']
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],
-      opt_state=tx.init(params), rng=state_rng, warmup_active=jnp.ones((), jnp.bool_),
-      metric_sums={k: jnp.zeros((), jnp.float32) for k in _METRIC_KEYS})
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optim.Schedule,
-               log_every: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD iteration on a global batch. Pure; compiled once with the state donated."""
-  rng = jax.random.fold_in(state.rng, state.step)
-
-  def loss_fn(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                  batch['image'], train=True, mutable=['batch_stats'],
-                                  rngs={'dropout': rng})
-    loss = _cross_entropy(logits, batch['label']).mean()
-    return loss, (logits, updates['batch_stats'])
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  error = jnp.mean(jnp.argmax(logits, -1) != batch['label'])
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-  lr = schedule(state.step, state.warmup_active)
-  opt_state = optim.set_learning_rate(state.opt_state, lr)
-  updates, opt_state = tx.update(grads, opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  # A non-finite step leaves the state as it was; the loop then stops the run.
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  params, batch_stats, opt_state = keep((params, batch_stats, opt_state),
-                                        (state.params, state.batch_stats, state.opt_state))
-
-  warmup_active = state.warmup_active
-  if schedule.warmup_until_train_error > 0:
-    warmup_active = warmup_active & (error >= schedule.warmup_until_train_error)
-  fresh = (state.step % log_every) == 0
-  sums = {k: jnp.where(fresh, 0.0, v) for k, v in state.metric_sums.items()}
-  sums = {'loss': sums['loss'] + loss, 'error': sums['error'] + error, 'count': sums['count'] + 1}
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, warmup_active=warmup_active, metric_sums=sums)
-  return new_state, {'loss': loss, 'error': error, 'grad_norm': grad_norm,
-                     'learning_rate': lr, 'finite': finite}
-
-
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
-  """Sums over the real (mask=True) examples of a padded batch; 10-crop batches average softmax scores."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  images = batch['image']
-  if images.ndim == 5:  # [batch, crops, H, W, C]
-    b, k = images.shape[:2]
-    logits = model.apply(variables, images.reshape((b * k,) + images.shape[2:]), train=False)
-    probs = jax.nn.softmax(logits).reshape(b, k, -1).mean(1)
-    log_probs = jnp.log(jnp.maximum(probs, 1e-30))
-  else:
-    log_probs = jax.nn.log_softmax(model.apply(variables, images, train=False))
-  labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
-  loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-  top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
-  return {'loss': jnp.sum(loss * mask),
-          'correct': jnp.sum((jnp.argmax(log_probs, -1) == labels) * mask),
-          'correct_top5': jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask),
-          'count': jnp.sum(mask)}
-
-
-class _TraceCounter:
-  """Counts how often a function is traced (= compiled, under jit)."""
-
-  def __init__(self, fn: Callable):
-    self.fn, self.count = fn, 0
-    functools.update_wrapper(self, fn)
-
-  def __call__(self, *args, **kwargs):
-    self.count += 1
-    return self.fn(*args, **kwargs)
 
 
 def evaluate(eval_fn: Callable, state: TrainState, source: Any, role: str,
@@ -199,14 +86,6 @@ def _git_commit() -> str | None:
     return None
 
 
-def check_config(config) -> None:
-  """Start-up checks that need no devices or data (the data source checks its own keys)."""
-  for key in ('eval_every_steps', 'checkpoint_every_steps', 'log_every_steps'):
-    if config[key] <= 0:
-      raise ValueError(f'config.{key} must be a positive number of steps, not {config[key]}.')
-  api.check_model_name(config.model.name)  # before the (slow) data loading
-
-
 class _StopSignals:
   """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
 
@@ -239,26 +118,17 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   gradient norm stops being finite.
   """
   start_time = time.time()
-  check_config(config)
-  parallel.initialize_distributed(config)
-  mesh = parallel.create_mesh()
-  parallel.check_batch_sizes(config, mesh)
+  run = build_lib.build(config, source=source)
+  source, num_steps = run.source, run.num_steps
   lead = jax.process_index() == 0
-  source = source or data.create_data_source(config)  # fails fast on missing data
   if lead:
     os.makedirs(workdir, exist_ok=True)
   label = 'SYNTHETIC DATA' if source.synthetic else ''
-  num_steps = optim.num_train_steps(config, source.steps_per_epoch)
-  schedule = optim.create_schedule(config, source.steps_per_epoch)
-  model = create_model(config, source.num_classes)
-  tx = optim.create_optimizer(config)
   # Refuses another experiment's checkpoints before the costly initialisation.
   ckpt = checkpoints.Checkpointer(workdir, config, num_classes=source.num_classes,
                                  data_fingerprint=source.fingerprint())
-
-  replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  state = jax.jit(functools.partial(create_train_state, model, tx, source.image_shape),
-                  static_argnums=0, out_shardings=replicated)(config.seed)
+  batch_sharding = run.batch_sharding
+  state = run.init_state()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   restored = ckpt.restore(state)
@@ -282,14 +152,9 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   progress.message(f'{config.model.name}: {num_params:,} parameters; {num_steps} steps of '
                    f'{config.batch_size} on {jax.device_count()} {jax.devices()[0].device_kind} '
                    f'device(s); data: {source.name}' + (' (synthetic)' if source.synthetic else '')
-                   + f'; kernels: {api.resolve_conv(config.model.conv, config.model.dtype)[1]}')
-
-  train_fn = _TraceCounter(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                             log_every=config.log_every_steps))
-  eval_fn = _TraceCounter(functools.partial(eval_step, model=model))
-  p_train = jax.jit(train_fn, in_shardings=(replicated, batch_sharding),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
-  p_eval = jax.jit(eval_fn, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+                   + f'; kernels: {run.kernels}')
+  p_train, p_eval = run.train_step, run.eval_step
+  train_fn, eval_fn = run.train_traces, run.eval_traces
 
   history = metrics.read_metrics(workdir) if lead else []
   best_val = min((r['validation_error'] for r in history if 'validation_error' in r), default=None)

@@ -77,6 +77,23 @@ def create_schedule(config, steps_per_epoch: int) -> Schedule:
                   warmup_until_train_error=config.warmup_until_train_error)
 
 
+def check_config(config) -> None:
+  """Refuses optimiser settings that make no sense, naming the key."""
+  checks = (
+      ('learning_rate', config.learning_rate > 0, 'a positive number (the paper: 0.1)'),
+      ('warmup_learning_rate', config.warmup_learning_rate > 0 or not config.warmup_steps,
+       'a positive number (the paper: 0.01)'),
+      ('momentum', 0 <= config.momentum < 1, 'in [0, 1) (the paper: 0.9)'),
+      ('weight_decay', config.weight_decay >= 0, '>= 0 (the paper: 1e-4)'),
+      ('lr_decay_factor', 0 < config.lr_decay_factor <= 1, 'in (0, 1] (the paper: 0.1)'),
+      ('warmup_steps', config.warmup_steps >= 0, '>= 0'),
+      ('warmup_until_train_error', 0 <= config.warmup_until_train_error < 1, 'in [0, 1)'),
+  )
+  for key, ok, want in checks:
+    if not ok:
+      raise ValueError(f'config.{key}={config[key]!r} must be {want}.')
+
+
 def _decay_mask(params: Any) -> Any:
   """True for convolution and dense kernels; False for BN scales/offsets and biases."""
   flat = traverse_util.flatten_dict(params)
