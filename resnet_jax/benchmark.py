@@ -17,7 +17,11 @@ needs `pip install torch`), alternating with JAX, and prints the ratios.
 
 from __future__ import annotations
 
-import importlib.util
+from resnet_jax.kernels import host_memory
+
+host_memory.configure_for_cpu_commands()  # before JAX starts its threads
+
+import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import os
 import platform
@@ -34,7 +38,6 @@ from ml_collections import config_flags
 
 from resnet_jax import benchmark_input
 from resnet_jax import data
-from resnet_jax.kernels import host_memory
 from resnet_jax.training import build, parallel
 
 FLAGS = flags.FLAGS

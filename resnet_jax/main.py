@@ -11,7 +11,11 @@ notebooks call too. Running the same command again on the same workdir resumes.
 import logging
 import sys
 
-from absl import app, flags
+from resnet_jax.kernels import host_memory
+
+host_memory.configure_for_cpu_commands()  # before JAX starts its threads
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags
 
 from resnet_jax import data

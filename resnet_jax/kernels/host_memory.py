@@ -9,11 +9,14 @@ no mmap and no trimming, the block is reused from the heap: 0 page faults per
 step and the step 1.5x faster (the same settings help the stock XLA
 convolutions too).
 
-`configure()` sets this through `mallopt` when `resnet_jax` is imported. It only
-affects threads that have not allocated yet, so it works when `resnet_jax` is
-imported before the first JAX computation (as `python -m resnet_jax.main` and
-the benchmark do); otherwise set MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=2147483647 in the environment. The cost: memory freed
+Importing `resnet_jax` changes nothing. `configure()` sets this through
+`mallopt`; the CPU training and benchmark commands call
+`configure_for_cpu_commands()` first thing, which does so only where JAX will
+run on the CPU (no GPU/TPU plugin is installed), and result.json records what
+was applied (`status`). Library users call `configure()` themselves, before
+their first JAX computation: it only affects threads that have not allocated
+yet (or set MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=2147483647 in the environment). The cost: memory freed
 by the process stays with it (its RSS stays at its peak). Opt out with
 RESNET_JAX_MALLOC=default.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import sys
 
@@ -49,3 +53,18 @@ def configure() -> str:
                                                (_M_TRIM_THRESHOLD, 2**31 - 1)))
       status = 'one arena, no mmap, no trim' if ok else 'mallopt refused a setting'
   return status
+
+
+# JAX plugins whose presence means the train step will not run on the CPU.
+_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
+                        'jax_rocm7_plugin', 'libtpu')
+
+
+def configure_for_cpu_commands() -> str:
+  """`configure()` where JAX runs on the CPU; elsewhere leaves malloc alone and says why."""
+  global status
+  platforms = os.environ.get('JAX_PLATFORMS', '').lower()
+  accelerator = next((p for p in _ACCELERATOR_PLUGINS if importlib.util.find_spec(p)), None)
+  if status == 'not configured' and accelerator and 'cpu' not in platforms.split(','):
+    status = f'glibc malloc defaults (an accelerator plugin, {accelerator}, is installed)'
+  return configure()

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.kernels import host_memory
 from resnet_jax.training import build as build_lib
 from resnet_jax.training import checkpoints, metrics, parallel
 from resnet_jax.training.state import TrainState
@@ -237,6 +238,7 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
       'resumed_from_step': start_step or None,
       'device_kind': devices[0].device_kind, 'device_count': len(devices),
       'process_count': jax.process_count(), 'platform': devices[0].platform,
+      'kernels': run.kernels, 'host_memory': host_memory.status,
       'git_commit': _git_commit(), 'versions': _versions(),
       'config': json.loads(config.to_json_best_effort()),
   }
