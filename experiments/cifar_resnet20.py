@@ -1,4 +1,4 @@
-"""CIFAR-10 ResNet-20 (Section 4.2, Table 6): 0.27M parameters, 8.75% test error.
+"""CIFAR-10 ResNet-20 (Section 4.2, Table 6). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/cifar_resnet20.py --workdir=workdirs/cifar_resnet20
 

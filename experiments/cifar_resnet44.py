@@ -1,4 +1,4 @@
-"""CIFAR-10 ResNet-44 (Section 4.2, Table 6): 0.66M parameters, 7.17% test error.
+"""CIFAR-10 ResNet-44 (Section 4.2, Table 6). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/cifar_resnet44.py --workdir=workdirs/cifar_resnet44
 

@@ -1,4 +1,4 @@
-"""CIFAR-10 ResNet-56 (Section 4.2, Table 6): 0.85M parameters, 6.97% test error.
+"""CIFAR-10 ResNet-56 (Section 4.2, Table 6). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/cifar_resnet56.py --workdir=workdirs/cifar_resnet56
 

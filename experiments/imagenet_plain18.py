@@ -1,4 +1,4 @@
-"""ImageNet plain-18 (Section 3.4): 27.94% top-1 (10-crop, Table 3).
+"""ImageNet plain-18 (Section 3.4). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/imagenet_plain18.py --workdir=workdirs/imagenet_plain18
 

@@ -1,4 +1,4 @@
-"""ImageNet plain-34 (Section 3.4): 28.54% top-1 / 10.02% top-5 (10-crop, Table 3).
+"""ImageNet plain-34 (Section 3.4). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/imagenet_plain34.py --workdir=workdirs/imagenet_plain34
 

@@ -1,4 +1,4 @@
-"""ImageNet ResNet-101 (Section 3.4): 21.75% top-1 / 6.05% top-5 (10-crop, Table 3); 19.87 / 4.60 (Table 4).
+"""ImageNet ResNet-101 (Section 3.4). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/imagenet_resnet101.py --workdir=workdirs/imagenet_resnet101
 

@@ -1,4 +1,4 @@
-"""ImageNet ResNet-152 (Section 3.4): 21.43% top-1 / 5.71% top-5 (10-crop, Table 3); 19.38 / 4.49 (Table 4).
+"""ImageNet ResNet-152 (Section 3.4). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/imagenet_resnet152.py --workdir=workdirs/imagenet_resnet152
 

@@ -1,4 +1,4 @@
-"""ImageNet ResNet-18 (Section 3.4): 27.88% top-1 (10-crop, Table 3).
+"""ImageNet ResNet-18 (Section 3.4). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/imagenet_resnet18.py --workdir=workdirs/imagenet_resnet18
 

@@ -1,4 +1,4 @@
-"""ImageNet ResNet-34 (option B) (Section 3.4): 24.52% top-1 / 7.46% top-5 (10-crop, Table 3); 21.84 / 5.71 single-model (Table 4).
+"""ImageNet ResNet-34 (option B) (Section 3.4). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/imagenet_resnet34.py --workdir=workdirs/imagenet_resnet34
 

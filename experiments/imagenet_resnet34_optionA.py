@@ -1,4 +1,4 @@
-"""ImageNet ResNet-34 with shortcut option A (Table 3, 10-crop): 25.03% top-1 / 7.76% top-5.
+"""ImageNet ResNet-34 with shortcut option A (Table 3, 10-crop). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/imagenet_resnet34_optionA.py --workdir=workdirs/imagenet_resnet34_optionA
 

@@ -1,4 +1,4 @@
-"""ImageNet ResNet-34 with shortcut option C (Table 3, 10-crop): 24.19% top-1 / 7.40% top-5.
+"""ImageNet ResNet-34 with shortcut option C (Table 3, 10-crop). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/imagenet_resnet34_optionC.py --workdir=workdirs/imagenet_resnet34_optionC
 

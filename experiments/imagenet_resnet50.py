@@ -1,4 +1,4 @@
-"""ImageNet ResNet-50 (Section 3.4): 22.85% top-1 / 6.71% top-5 (10-crop, Table 3); 20.74 / 5.25 (Table 4).
+"""ImageNet ResNet-50 (Section 3.4). The paper's numbers: resnet_jax/paper.py.
 
     python -m resnet_jax.main --config=experiments/imagenet_resnet50.py --workdir=workdirs/imagenet_resnet50
 

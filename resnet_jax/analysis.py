@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from resnet_jax import data, models
 from resnet_jax.weights import loading
-from resnet_jax import data
-from resnet_jax import models
-from resnet_jax.training import state as state_lib
+
+RESPONSES_FILE = 'layer_responses.json'
 
 _BLOCK = re.compile(r'^stage(\d+)_block(\d+)$')
 _RESPONSE = re.compile(r'^conv(\d+)_response$')
@@ -228,6 +228,61 @@ def run_layer_responses(workdir: str, *, role: str = 'test',
   """
   config = load_run_config(workdir)
   source = source or data.create_data_source(config, process_index=0, process_count=1)
-  model = state_lib.create_model(config, source.num_classes)
+  model = models.from_config(config.model, source.num_classes)
   variables = loading.load_variables(workdir)
   return layer_responses_from_batches(model, variables, source.eval_batches(role))
+
+
+def wanted(model_name: str) -> bool:
+  """Fig. 7 is a CIFAR figure: the run loop computes responses for CIFAR networks only."""
+  return models.family(model_name) == 'cifar'
+
+
+def write_responses(workdir: str, responses: LayerResponses, *, role: str, step: int) -> str:
+  """Writes WORKDIR/layer_responses.json (written whole, then renamed into place)."""
+  path = os.path.join(workdir, RESPONSES_FILE)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump({**responses.to_dict(), 'role': role, 'step': step}, f, indent=1)
+  os.replace(tmp, path)
+  return path
+
+
+def read_responses(workdir: str) -> LayerResponses | None:
+  """The responses the run loop wrote at the end of training; None if there are none."""
+  path = os.path.join(workdir, RESPONSES_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return LayerResponses.from_dict(json.load(f))
+
+
+def main(argv: list[str] | None = None) -> None:
+  """python -m resnet_jax.analysis WORKDIR...: layer responses of finished runs that lack them
+  (runs written before the loop computed them), into each WORKDIR/layer_responses.json."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument('workdirs', nargs='+')
+  parser.add_argument('--role', default='test', help="evaluation split: 'test' or 'validation'")
+  parser.add_argument('--force', action='store_true', help='recompute existing files too')
+  args = parser.parse_args(argv)
+  failed = 0
+  for workdir in args.workdirs:
+    if read_responses(workdir) is not None and not args.force:
+      print(f'{workdir}: has {RESPONSES_FILE} (use --force to recompute)')
+      continue
+    try:
+      info = loading.checkpoint_info(workdir)
+      responses = run_layer_responses(workdir, role=args.role)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'{workdir}: error: {type(e).__name__}: {e}', file=sys.stderr)
+      failed += 1
+      continue
+    path = write_responses(workdir, responses, role=args.role, step=info['step'])
+    print(f'{workdir}: {len(responses)} layers over {responses.num_examples} images -> {path}')
+  sys.exit(1 if failed else 0)
+
+
+if __name__ == '__main__':
+  main()

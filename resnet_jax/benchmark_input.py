@@ -14,7 +14,6 @@ preprocessing: decode, scale augmentation, crop, flip, PCA lighting).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 
 import numpy as np
@@ -112,10 +111,7 @@ def benchmark(dataset: str, num_batches: int | None = None, warmup: int | None =
 
 
 def _load_config(path: str):
-  spec = importlib.util.spec_from_file_location('experiment_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs.load(path)
 
 
 def _print_table(rows: list[dict]) -> None:

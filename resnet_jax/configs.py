@@ -14,6 +14,10 @@ one place.
 
 from __future__ import annotations
 
+import os
+from typing import Sequence
+import warnings
+
 import ml_collections
 
 
@@ -187,3 +191,39 @@ def digits(model_name: str = 'cifar_resnet20', **overrides) -> ml_collections.Co
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.lock()
   return config
+
+
+def experiments_dir() -> str:
+  """The repository's experiments/ directory (the package is installed editable)."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments')
+
+
+def experiment_path(experiment: str) -> str:
+  """experiments/<experiment>.py, or the path itself if `experiment` is a .py file."""
+  path = experiment if experiment.endswith('.py') else os.path.join(experiments_dir(),
+                                                                     f'{experiment}.py')
+  if not os.path.isfile(path):
+    known = sorted(f[:-3] for f in os.listdir(experiments_dir()) if f.endswith('.py'))
+    raise ValueError(f'No experiment {experiment!r} (no file {path}). Experiments: '
+                     f'{", ".join(known)}.')
+  return path
+
+
+def load(experiment: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The locked config `python -m resnet_jax.main --config=<experiment> *overrides` builds.
+
+  `experiment` is a name in experiments/ ('cifar_resnet20') or a path to a
+  config file; `overrides` are command-line flags ('--config.batch_size=64').
+  This is the one way main, sweep, the benchmarks and the tests load configs.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  path = experiment_path(experiment)
+  argv = ['resnet_jax', f'--config={path}', *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  with warnings.catch_warnings():  # ml_collections loads the file with a deprecated importlib call
+    warnings.simplefilter('ignore', DeprecationWarning)
+    fv(argv)
+  return fv.config

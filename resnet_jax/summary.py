@@ -19,21 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import models
-
-# Table 1 / Table 6 of the paper (and the option-B parameter counts every
-# common implementation has). None where the paper gives no figure.
-PAPER_PARAMS = {
-    'cifar_resnet20': 0.27e6, 'cifar_resnet32': 0.46e6, 'cifar_resnet44': 0.66e6,
-    'cifar_resnet56': 0.85e6, 'cifar_resnet110': 1.7e6, 'cifar_resnet1202': 19.4e6,
-    'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
-    'resnet101': 44_549_160, 'resnet152': 60_192_808,
-}
-PAPER_MACS = {
-    'resnet18': 1.8e9, 'plain18': 1.8e9, 'resnet34': 3.6e9, 'plain34': 3.6e9,
-    'resnet50': 3.8e9, 'resnet101': 7.6e9, 'resnet152': 11.3e9,
-}
-
+from resnet_jax import models, paper
 
 def _eqn_macs(eqn) -> int:
   name = eqn.primitive.name
@@ -83,7 +69,7 @@ def model_summary(name: str, **overrides) -> dict[str, Any]:
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   macs = count_macs(lambda v, x: model.apply(v, x, train=False), variables, x)
   return dict(name=name, params=count_params(variables['params']), macs=macs,
-              paper_params=PAPER_PARAMS.get(name), paper_macs=PAPER_MACS.get(name))
+              paper_params=paper.PARAMS.get(name), paper_macs=paper.MACS.get(name))
 
 
 def _fmt(x: float | None, scale: float, unit: str, digits: int = 2) -> str:

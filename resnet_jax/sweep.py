@@ -35,10 +35,11 @@ import shlex
 import subprocess
 import sys
 import time
-import warnings
 from typing import Sequence
 
 from absl import app, flags
+
+from resnet_jax import configs
 
 # Named groups of experiments (files in experiments/).
 _CIFAR_RES = [f'cifar_resnet{d}' for d in (20, 32, 44, 56, 110)]
@@ -63,9 +64,7 @@ GROUPS = {
 DIGITS_CONFIG = 'digits_resnet20'
 
 
-def experiments_dir() -> str:
-  """The repository's experiments/ directory (the package is installed editable)."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments')
+experiments_dir = configs.experiments_dir
 
 
 def expand_experiments(spec: str | Sequence[str]) -> list[str]:
@@ -83,28 +82,15 @@ def expand_experiments(spec: str | Sequence[str]) -> list[str]:
 
 def config_path(experiment: str) -> str:
   """experiments/<experiment>.py, or the path itself if `experiment` is a .py file."""
-  if experiment.endswith('.py'):
-    path = experiment
-  else:
-    path = os.path.join(experiments_dir(), f'{experiment}.py')
-  if not os.path.isfile(path):
-    known = sorted(f[:-3] for f in os.listdir(experiments_dir()) if f.endswith('.py'))
-    raise ValueError(f'No experiment {experiment!r} (no file {path}). Experiments: '
-                     f'{", ".join(known)}; groups: {", ".join(GROUPS)}.')
-  return path
+  try:
+    return configs.experiment_path(experiment)
+  except ValueError as e:
+    raise ValueError(f'{e} Groups: {", ".join(GROUPS)}.') from None
 
 
 def parse_config(path: str, overrides: Sequence[str] = ()):
   """The locked ConfigDict `python -m resnet_jax.main --config=path *overrides` would build."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv = ['sweep', f'--config={path}', *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
-  with warnings.catch_warnings():  # ml_collections loads the file with a deprecated importlib call
-    warnings.simplefilter('ignore', DeprecationWarning)
-    fv(argv)
-  return fv.config
+  return configs.load(path, overrides)
 
 
 def _flag_value(value) -> str:

@@ -20,7 +20,7 @@ FIXTURE = ROOT / 'tests' / 'fixtures' / 'workdir_v0_digits'
 
 # Layers, lowest first: a module may import its own layer and those below it.
 _LAYERS = [
-    {'paper', 'configs', 'kernels', 'models', 'data', 'weights'},
+    {'paper', 'configs', 'kernels', 'models', 'data', 'weights', 'runs'},
     {'analysis'},
     {'training'},
     {'main', 'sweep', 'report', 'plots', 'benchmark', 'benchmark_input', 'summary', 'predict',
@@ -41,17 +41,16 @@ def _unit(module: str) -> str:
   return module.split('.')[1]
 
 
-def _imports(path: pathlib.Path) -> list[str]:
-  """Every resnet_jax module `path` imports, at any depth (lazy imports count too)."""
-  module = '.'.join(path.relative_to(ROOT).with_suffix('').parts)
+def _imports(source: str, module: str) -> list[str]:
+  """Every resnet_jax module the source of `module` imports, at any depth (lazy imports count)."""
   out = []
-  for node in ast.walk(ast.parse(path.read_text())):
+  for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.Import):
       out += [a.name for a in node.names if a.name.startswith('resnet_jax.')]
-    elif isinstance(node, ast.ImportFrom) and node.module:
-      base = node.module
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ''
       if node.level:  # relative import
-        base = '.'.join(module.split('.')[:-node.level] + [node.module])
+        base = '.'.join(module.split('.')[:-node.level] + ([base] if base else []))
       if base == 'resnet_jax':
         out += [f'resnet_jax.{a.name}' for a in node.names]
       elif base.startswith('resnet_jax.'):
@@ -59,42 +58,47 @@ def _imports(path: pathlib.Path) -> list[str]:
   return out
 
 
-def _modules():
-  return sorted(p for p in PACKAGE.rglob('*.py') if p.name != '__init__.py' or p.parent != PACKAGE)
+def _package_sources() -> dict[str, str]:
+  """module name -> source of every module of the package (its __init__ excluded)."""
+  return {'.'.join(p.relative_to(ROOT).with_suffix('').parts): p.read_text()
+          for p in sorted(PACKAGE.rglob('*.py')) if p != PACKAGE / '__init__.py'}
+
+
+def _upward_imports(sources: dict[str, str]) -> list[str]:
+  bad = []
+  for module, source in sources.items():
+    for target in _imports(source, module):
+      if _unit(target) != _unit(module) and _layer(_unit(target)) > _layer(_unit(module)):
+        bad.append(f'{module} imports {target}')
+  return bad
 
 
 def test_no_module_imports_one_above_it():
-  bad = []
-  for path in _modules():
-    unit = _unit('.'.join(path.relative_to(ROOT).with_suffix('').parts))
-    for target in _imports(path):
-      if _unit(target) != unit and _layer(_unit(target)) > _layer(unit):
-        bad.append(f'{path.relative_to(ROOT)} imports {target}')
-  assert bad == []
+  assert _upward_imports(_package_sources()) == []
 
 
 def test_report_imports_no_training_code_and_libraries_no_commands():
-  report = [t for t in _imports(PACKAGE / 'report.py') if _unit(t) == 'training'
-            and t != 'resnet_jax.training.metrics']  # reading metrics.jsonl is not training
-  assert report == []
-  for sub in ('models', 'data', 'training', 'kernels', 'weights'):
-    for path in (PACKAGE / sub).rglob('*.py'):
-      assert not [t for t in _imports(path) if _unit(t) in _COMMANDS], path
+  sources = _package_sources()
+  assert [t for t in _imports(sources['resnet_jax.report'], 'resnet_jax.report')
+          if _unit(t) == 'training'] == []
+  for module, source in sources.items():
+    if _unit(module) in ('models', 'data', 'training', 'kernels', 'weights'):
+      assert [t for t in _imports(source, module) if _unit(t) in _COMMANDS] == [], module
 
 
-def test_the_layer_check_sees_an_upward_import(tmp_path):
-  # The check above must be able to fail: an import from a command in data/.
-  fake = ROOT / 'resnet_jax' / 'data' / '_fake_for_test.py'
-  try:
-    fake.write_text('from resnet_jax import report\nfrom resnet_jax.training import loop\n')
-    assert _imports(fake) == ['resnet_jax.report', 'resnet_jax.training.loop']
-    assert _layer(_unit('resnet_jax.report')) > _layer('data')
-  finally:
-    fake.unlink()
+def test_the_layer_check_sees_upward_imports():
+  # The checks above must be able to fail: a data module importing a command and training.
+  fake = {'resnet_jax.data.fake': 'from resnet_jax import report\n'
+                                  'def f():\n  from resnet_jax.training import loop\n'
+                                  'from . import base\n'}
+  assert sorted(_imports(fake['resnet_jax.data.fake'], 'resnet_jax.data.fake')) == [
+      'resnet_jax.data', 'resnet_jax.report', 'resnet_jax.training']
+  assert _upward_imports(fake) == ['resnet_jax.data.fake imports resnet_jax.report',
+                                   'resnet_jax.data.fake imports resnet_jax.training']
 
 
 def test_no_module_is_over_450_lines():
-  sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in _modules()}
+  sizes = {m: len(source.splitlines()) for m, source in _package_sources().items()}
   assert {p: n for p, n in sizes.items() if n > 450} == {}
 
 

@@ -139,6 +139,16 @@ def create_model(name: str, **overrides) -> nn.Module:
   return MODELS[name](**overrides)
 
 
+def from_config(model_config, num_classes: int) -> nn.Module:
+  """The network an experiment config's `model` section describes."""
+  m = model_config
+  return create_model(
+      m.name, shortcut=m.shortcut, dtype=m.dtype, bn_momentum=m.bn_momentum,
+      bn_epsilon=m.bn_epsilon, ghost_batch_size=m.ghost_batch_size,
+      zero_init_last_bn=m.zero_init_last_bn, stride_on_3x3=m.stride_on_3x3,
+      scan_blocks=m.scan_blocks, remat=m.remat, conv=m.conv, num_classes=num_classes)
+
+
 CONV_CHOICES = ('auto', 'xla', 'onednn', 'cpu_kgrad')
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import analysis
 from resnet_jax.kernels import host_memory
 from resnet_jax.training import build as build_lib
 from resnet_jax.training import checkpoints, metrics, parallel
@@ -224,6 +225,8 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
     eval_results = run_evals(num_steps)
   ckpt.close()
   writer.close()
+  if lead:
+    _write_layer_responses(run, state, workdir, num_steps, progress)
 
   devices = jax.devices()
   result = {
@@ -248,6 +251,20 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   result['compilations'] = {'train_step': train_fn.count, 'eval_step': eval_fn.count}
   result['state'] = state
   return result
+
+
+def _write_layer_responses(run, state, workdir: str, step: int, progress) -> None:
+  """Fig. 7's layer responses of the final network on the test split, into the workdir,
+  so that the report reads them and runs no network (CIFAR networks, one process)."""
+  if (not analysis.wanted(run.config.model.name) or 'test' not in run.source.eval_splits
+      or jax.process_count() > 1):
+    return
+  variables = parallel.fetch({'params': state.params, 'batch_stats': state.batch_stats})
+  responses = analysis.layer_responses_from_batches(run.model, variables,
+                                                    run.source.eval_batches('test'))
+  analysis.write_responses(workdir, responses, role='test', step=step)
+  progress.message(f'Layer responses of {len(responses)} 3x3 layers over '
+                   f'{responses.num_examples} test images in {workdir}/{analysis.RESPONSES_FILE}')
 
 
 def _raise_nonfinite(step: int, step_metrics: dict[str, jax.Array]) -> None:

@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Any
 
+from resnet_jax.runs import read_metrics  # the one reader of metrics.jsonl
+
 
 class MetricWriter:
   """Appends one JSON object per logged step to `metrics.jsonl` and mirrors it to TensorBoard."""
@@ -44,15 +46,6 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of `metrics.jsonl`, in order (a resumed run appends to the same file)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def truncate_metrics(workdir: str, after_step: int) -> None:

@@ -28,12 +28,8 @@ METRIC_KEYS = ('loss', 'error', 'count')
 
 
 def create_model(config, num_classes: int) -> nn.Module:
-  m = config.model
-  return models.create_model(
-      m.name, shortcut=m.shortcut, dtype=m.dtype, bn_momentum=m.bn_momentum,
-      bn_epsilon=m.bn_epsilon, ghost_batch_size=m.ghost_batch_size,
-      zero_init_last_bn=m.zero_init_last_bn, stride_on_3x3=m.stride_on_3x3,
-      scan_blocks=m.scan_blocks, remat=m.remat, conv=m.conv, num_classes=num_classes)
+  """The network of an experiment config (see `models.from_config`)."""
+  return models.from_config(config.model, num_classes)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
