@@ -4,6 +4,7 @@
     python -m resnet_jax.benchmark --config=experiments/cifar_resnet56.py --torch   # side by side
     python -m resnet_jax.benchmark --config=experiments/imagenet_resnet50.py \
         --config.model.dtype=bfloat16 --config.batch_size=256
+    python -m resnet_jax.benchmark --suite=gpu --json=gpu.json      # a fresh GPU machine: run first
 
 Prints a table and writes JSON (`--json`): compile time, train and eval
 images/second (median over `--steps` timed steps after warm-up, with min and
@@ -13,6 +14,7 @@ training, fed one fixed on-device batch of random data (the synthetic source)
 so the figures are the model's, not the data's. `--torch` also times the
 PyTorch reference of the same CIFAR network (benchmarks/torch_reference.py,
 needs `pip install torch`), alternating with JAX, and prints the ratios.
+`--suite=gpu` runs the machine check of `benchmark_gpu.py` instead of one config.
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ def _define_flags():
   flags.DEFINE_boolean('channels_last', True, 'PyTorch: channels_last memory format.')
   flags.DEFINE_boolean('pipeline', True, 'Also measure the input pipeline.')
   flags.DEFINE_string('json', '', 'Write the results here as JSON.')
-  flags.mark_flags_as_required(['config'])
+  flags.DEFINE_enum('suite', '', ['', 'gpu'], 'gpu: the fresh-machine check (benchmark_gpu.py) '
+                    'instead of one --config.')
+  flags.DEFINE_boolean('quick', False, '--suite=gpu: small and short, for a CPU.')
+  flags.DEFINE_string('cifar_dir', '', '--suite=gpu: the official CIFAR-10 files, to time the '
+                      "paper's ResNet-20 recipe.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,6 +242,15 @@ def format_table(r: dict[str, Any]) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if FLAGS.suite == 'gpu':
+    from resnet_jax import benchmark_gpu  # pylint: disable=g-import-not-at-top
+    result = benchmark_gpu.run_suite(quick=FLAGS.quick, cifar_dir=FLAGS.cifar_dir)
+    if FLAGS.json:
+      with open(FLAGS.json, 'w') as f:
+        json.dump(result, f, indent=2)
+    return
+  if FLAGS.config is None:
+    raise app.UsageError('--config is required (or --suite=gpu).')
   result = run(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
                use_torch=FLAGS.torch, channels_last=FLAGS.channels_last, pipeline=FLAGS.pipeline)
   print(format_table(result))

@@ -8,7 +8,8 @@ Datasets: 'cifar10' (real data, must be prepared), 'cifar10_generated' (random
 CIFAR-shaped uint8 data, 50k examples, through the real CIFAR code path),
 'digits', 'synthetic' (the synthetic source, CIFAR shapes) and
 'imagenet_synthetic_jpeg' (random 500x375 JPEGs through the ImageNet training
-preprocessing: decode, scale augmentation, crop, flip, PCA lighting).
+preprocessing: decode, scale augmentation, crop, flip, PCA lighting). Only the
+JPEG benchmark needs TensorFlow, and imports it when it runs.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ import argparse
 import time
 
 import numpy as np
-import tensorflow as tf
 
 from resnet_jax import configs
 from resnet_jax import data
-from resnet_jax.data import imagenet as imagenet_data
 
 OFFLINE = ('cifar10_generated', 'digits', 'synthetic', 'imagenet_synthetic_jpeg')
 
@@ -65,6 +64,7 @@ def generated_cifar_source(config, num_examples: int = 50_000) -> data.ArraySour
 
 def random_jpegs(n: int, height: int = 375, width: int = 500, seed: int = 0) -> list[bytes]:
   """Smooth random images (so they compress like photos), JPEG-encoded."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
@@ -78,6 +78,8 @@ def random_jpegs(n: int, height: int = 375, width: int = 500, seed: int = 0) -> 
 
 def jpeg_throughput(config, num_batches: int = 10, warmup: int = 2, num_images: int = 64) -> dict:
   """ImageNet training preprocessing over in-memory JPEGs (no disk reads)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from resnet_jax.data import imagenet as imagenet_data  # pylint: disable=g-import-not-at-top
   d = config.data
   jpegs = random_jpegs(num_images)
   records = tf.data.Dataset.from_tensor_slices((jpegs, np.zeros(len(jpegs), np.int32)))

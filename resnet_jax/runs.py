@@ -13,16 +13,17 @@ import numpy as np
 
 from resnet_jax import models, paper
 
+METRICS_FILE = 'metrics.jsonl'
 DEMO_LABEL = 'DEMONSTRATION \u2014 not a reproduction'
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of `metrics.jsonl`, in order (a resumed run appends to the same file)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+def read_metrics(workdir) -> list[dict[str, Any]]:
+  """The records of `metrics.jsonl` (local or gs://), in order (a resumed run appends to it)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 

@@ -36,7 +36,11 @@ def main(out, workdir, *overrides):
     for part in path:
       target = target[part]
     target[last] = value
-  result = loop.train_and_evaluate(config, workdir)
+  try:
+    result = loop.train_and_evaluate(config, workdir)
+  except loop.RunInterrupted as e:  # as resnet_jax.main exits
+    print(e, flush=True)
+    sys.exit(128 + e.signum)
   state = parallel.fetch(result['state'])
   arrays = {}
   for name in ('params', 'batch_stats'):

@@ -36,12 +36,12 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from resnet_jax.training import parallel
@@ -122,14 +122,17 @@ def _validation_error(metrics: dict[str, Any]) -> float:
 
 def _remove_leftover_tmp(directory: str) -> None:
   """Deletes the temporary directories of saves that never finished (a crash mid-save)."""
-  if not os.path.isdir(directory):
+  directory = epath.Path(directory)
+  if not directory.is_dir():
     return
-  for name in sorted(os.listdir(directory)):
-    if _TMP_MARKER in name:
-      path = os.path.join(directory, name)
+  for path in sorted(directory.iterdir()):
+    if _TMP_MARKER in path.name:
       logging.warning('Removing %s: the temporary directory of a checkpoint save that never '
                       'finished (the run stopped while saving).', path)
-      shutil.rmtree(path, ignore_errors=True)
+      try:
+        path.rmtree()
+      except OSError:
+        pass
 
 
 class Checkpointer:
@@ -142,7 +145,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, config, *, num_classes: int | None = None,
                data_fingerprint: dict[str, Any] | None = None, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    directory = epath.Path(workdir) / 'checkpoints'
+    # A local workdir is made absolute; gs://... stays as it is.
+    self.directory = str(directory if '://' in str(directory) else directory.absolute())
     self.config = config
     self.num_classes = num_classes
     self.data_fingerprint = data_fingerprint
@@ -207,7 +212,7 @@ class Checkpointer:
       raise CheckpointError(f'Writing the checkpoint of step {step} to {self.path(step)} failed: '
                             f'{_short(e)}. Check the free space and permissions of '
                             f'{self.directory}; the earlier checkpoints are kept.') from e
-    if step is not None and not os.path.isdir(self.path(step)):
+    if step is not None and not epath.Path(self.path(step)).is_dir():
       raise CheckpointError(f'The checkpoint of step {step} was not completed: {self.path(step)} '
                             'does not exist after the save (see the errors logged above).')
 
@@ -240,21 +245,29 @@ class Checkpointer:
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     failures = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    # Multi-host: every process restores the same step, the newest that all of them see.
+    newest = parallel.min_over_processes(steps[0] if steps else -1)
+    for step in [s for s in steps if s <= newest]:
+      error = None
       try:
         meta = self._read_meta(step)
       except Exception as e:  # pylint: disable=broad-except
-        failures.append(self._skip(step, e))
-        continue
-      _check_fingerprint(meta, self.config, self.directory, self.data_fingerprint)
-      try:
-        state = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))['state']
-        found = int(parallel.fetch(state.step))
-        if found != step:
-          raise ValueError(f'it holds step {found}')
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(self._skip(step, e))
+        error = e
+      if error is None:
+        _check_fingerprint(meta, self.config, self.directory, self.data_fingerprint)
+        try:
+          state = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract)))['state']
+          found = int(parallel.fetch(state.step))
+          if found != step:
+            raise ValueError(f'it holds step {found}')
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+      if not parallel.min_over_processes(error is None) and error is None:
+        error = RuntimeError('another process could not restore it')
+      if error is not None:
+        failures.append(self._skip(step, error))
         continue
       self._set_aside([s for s, _ in failures])
       logging.info('Restored the checkpoint of step %d from %s', step, self.path(step))
@@ -293,7 +306,7 @@ class Checkpointer:
       stamp = time.strftime('%Y%m%d-%H%M%S')
       for step in steps:
         target = f'{self.path(step)}.damaged-{stamp}'
-        os.rename(self.path(step), target)
+        epath.Path(self.path(step)).rename(target)
         logging.warning('Moved the damaged checkpoint %s to %s; delete it when no longer needed.',
                         self.path(step), target)
     if jax.process_count() > 1:

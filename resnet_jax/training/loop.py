@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from resnet_jax import analysis
 from resnet_jax.kernels import host_memory
@@ -41,6 +42,10 @@ class RunInterrupted(Exception):
     self.step = step
 
 
+# Multi-host runs poll for a stop request every this many steps (a small
+# all-gather, which waits for the steps in flight); single-process runs check
+# after every step at no cost.
+STOP_CHECK_EVERY_STEPS = 10
 
 
 def evaluate(eval_fn: Callable, state: TrainState, source: Any, role: str,
@@ -109,6 +114,19 @@ class _StopSignals:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
+  def agreed(self, step: int) -> int:
+    """The signal every process stops on after `step`, 0 to go on.
+
+    A stop request may reach only one host (a preempted machine): the processes
+    agree on it together at fixed steps, so that all of them save the same step
+    and stop.
+    """
+    if jax.process_count() == 1:
+      return self.signum or 0
+    if step % STOP_CHECK_EVERY_STEPS:
+      return 0
+    return parallel.max_over_processes(self.signum or 0)
+
 
 def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str, Any]:
   """Trains and evaluates the configured experiment in `workdir`, resuming if it holds checkpoints.
@@ -124,7 +142,7 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   source, num_steps = run.source, run.num_steps
   lead = jax.process_index() == 0
   if lead:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   label = 'SYNTHETIC DATA' if source.synthetic else ''
   # Refuses another experiment's checkpoints before the costly initialisation.
   ckpt = checkpoints.Checkpointer(workdir, config, num_classes=source.num_classes,
@@ -148,8 +166,7 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
     if lead:
       metrics.truncate_metrics(workdir, start_step)
   if lead:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
   writer = metrics.MetricWriter(workdir, enabled=lead)
   progress.message(f'{config.model.name}: {num_params:,} parameters; {num_steps} steps of '
                    f'{config.batch_size} on {jax.device_count()} {jax.devices()[0].device_kind} '
@@ -210,16 +227,17 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
       if record:
         writer.write(done, {**record, **data_tag})
         window_start, window_step = time.perf_counter(), done
-      if done % config.checkpoint_every_steps == 0 or is_last or stop.signum:
+      stop_signum = stop.agreed(done)
+      if done % config.checkpoint_every_steps == 0 or is_last or stop_signum:
         if not parallel.fetch(step_metrics['finite']):
           _raise_nonfinite(done, step_metrics)  # never checkpoint past a bad step
         val = eval_results.get('validation_error') if 'validation_error' in record else None
         ckpt.save(state, metrics={'validation_error': val} if val is not None else None)
-      if stop.signum and not is_last:
+      if stop_signum and not is_last:
         ckpt.close()
         writer.close()
         progress.close()
-        raise RunInterrupted(stop.signum, done)
+        raise RunInterrupted(stop_signum, done)
   progress.close()
   if start_step >= num_steps:  # resumed a finished run: evaluate again for the result
     eval_results = run_evals(num_steps)
@@ -246,8 +264,7 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
       'config': json.loads(config.to_json_best_effort()),
   }
   if lead:
-    with open(os.path.join(workdir, 'result.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    (epath.Path(workdir) / 'result.json').write_text(json.dumps(result, indent=2))
   result['compilations'] = {'train_step': train_fn.count, 'eval_step': eval_fn.count}
   result['state'] = state
   return result

@@ -1,60 +1,72 @@
 """What a run writes: `metrics.jsonl`, TensorBoard events and a console progress bar.
 
 Only process 0 writes; the other processes get a writer that does nothing.
+Paths go through etils.epath, so a workdir may be local or `gs://...`. The
+TensorBoard events (WORKDIR/tensorboard) are written by tensorboardX, which
+needs no TensorFlow; each numeric value of a record is one scalar, tagged with
+its key ('train_loss', 'test_error', ...).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
-from resnet_jax.runs import read_metrics  # the one reader of metrics.jsonl
+from etils import epath
+
+from resnet_jax.runs import METRICS_FILE, read_metrics  # the one reader of metrics.jsonl
+
+TENSORBOARD_DIR = 'tensorboard'
+
+
+def _is_local(path: epath.Path) -> bool:
+  return '://' not in str(path)
+
+
+def _append_text(path: epath.Path, text: str) -> None:
+  if _is_local(path):
+    with path.open('a') as f:
+      f.write(text)
+  else:  # object stores cannot append: rewrite the (small) file
+    path.write_text((path.read_text() if path.exists() else '') + text)
 
 
 class MetricWriter:
   """Appends one JSON object per logged step to `metrics.jsonl` and mirrors it to TensorBoard."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str | epath.PathLike, *, enabled: bool = True,
+               tensorboard: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = epath.Path(workdir) / METRICS_FILE
     self._tb = None
     if enabled and tensorboard:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(epath.Path(workdir) / TENSORBOARD_DIR), flush_secs=30)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = {'step': int(step), **values}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    _append_text(self.path, json.dumps(record) + '\n')
     if self._tb is not None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-      # tf.summary.scalar needs the separate `tensorboard` package; the core
-      # write op with the scalars plugin's metadata makes the same events.
-      meta = summary_pb2.SummaryMetadata()
-      meta.plugin_data.plugin_name = 'scalars'
-      with self._tb.as_default(step=int(step)):
-        for key, value in values.items():
-          if isinstance(value, (int, float)) and not isinstance(value, bool):
-            tf.summary.write(key, tf.constant(float(value), tf.float32), metadata=meta)
+      for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(key, float(value), global_step=int(step))
       self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
-def truncate_metrics(workdir: str, after_step: int) -> None:
+def truncate_metrics(workdir: str | epath.PathLike, after_step: int) -> None:
   """Drops records past `after_step`: a resumed run rewrites them from its checkpoint."""
   records = read_metrics(workdir)
   keep = [r for r in records if r['step'] <= after_step]
   if len(keep) != len(records):
-    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in keep)
+    (epath.Path(workdir) / METRICS_FILE).write_text(''.join(json.dumps(r) + '\n' for r in keep))
 
 
 def _duration(seconds: float) -> str:

@@ -128,6 +128,25 @@ def device_prefetch(batches: Iterable[dict[str, np.ndarray]], sharding: NamedSha
       queue.append(shard_batch(batch, sharding))
 
 
+def max_over_processes(value: int) -> int:
+  """The largest of each process's `value`; `value` itself in a single-process run.
+
+  A collective: every process must call it at the same point of the run. It
+  is how the processes agree on what only some of them know (a stop request,
+  the newest checkpoint all of them can read).
+  """
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(np.asarray(value, np.int32))
+  return int(np.max(gathered))
+
+
+def min_over_processes(value: int) -> int:
+  """The smallest of each process's `value` (a collective, like `max_over_processes`)."""
+  return -max_over_processes(-int(value))
+
+
 def _to_host(x: Any) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     if not x.sharding.is_fully_replicated:

