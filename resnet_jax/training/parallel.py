@@ -62,7 +62,10 @@ def create_mesh(devices: list[Any] | None = None) -> Mesh:
   """
   if devices is None:
     try:
-      mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+      # Auto axes: jax >= 0.7 makes them Explicit by default, which puts the
+      # sharding into the types and breaks the plain jit of the train step.
+      mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
     except (ValueError, NotImplementedError, TypeError) as e:  # unusual topologies
       logging.info('jax.make_mesh failed (%s); ordering devices by process.', e)
     else:
