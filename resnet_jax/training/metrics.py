@@ -52,16 +52,28 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise
+      # The last line of a run killed while writing it: dropped (and by truncate_metrics).
+  return records
 
 
 def truncate_metrics(workdir: str, after_step: int) -> None:
   """Drops records past `after_step`: a resumed run rewrites them from its checkpoint."""
-  records = read_metrics(workdir)
-  keep = [r for r in records if r['step'] <= after_step]
-  if len(keep) != len(records):
-    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in keep)
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return
+  keep = [r for r in read_metrics(workdir) if r['step'] <= after_step]
+  # Rewritten whole, also when nothing is past the step: a torn last line goes too.
+  with open(f'{path}.tmp', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in keep)
+  os.replace(f'{path}.tmp', path)
 
 
 def _duration(seconds: float) -> str:
