@@ -9,8 +9,8 @@ checkpoint meaningful (model, batch size, seed, data), checked on resume.
 
 Saving is asynchronous: `Checkpointer.save` returns once the arrays are copied
 to host memory and the files are written by a background thread; an error
-there (disk full, permission denied) is raised by the next `save`, `wait` or
-`close`. Orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it
+there (disk full, permission denied) is raised by the next `poll` (the loop
+calls it after every step), `save`, `wait` or `close`. Orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it
 when complete, so a crash mid-save leaves a temporary directory, never a
 half-written `<step>`.
 

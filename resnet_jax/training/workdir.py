@@ -101,9 +101,11 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, 'w') as f:
       f.write(text)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError):
+      raise OSError(e.errno, f'Could not write {path}: {e.strerror or e}') from e
     raise
 
 

@@ -2,8 +2,10 @@
 
 A checkpoint is the directory `WORKDIR/checkpoints/<step>` that orbax writes
 (`training/checkpoints.py`): `state/` (the train state's arrays) and `meta/`
-(JSON: model name, constructor arguments, config, fingerprint). These readers
-need neither the run's devices nor its config:
+(JSON: model name, constructor arguments, config, fingerprint), and
+`sha256.json`, the checksums of their files, which the readers verify (a
+checkpoint written before it existed is read unverified). These readers need
+neither the run's devices nor its config:
 
     info = checkpoint_info('workdirs/digits_resnet20')
     variables = load_variables(info['path'])
