@@ -109,20 +109,18 @@ def write_text(path: str, text: str) -> None:
     raise
 
 
-def log_to_file(workdir: str, level: int = logging.INFO) -> logging.Handler:
+def log_to_file(workdir: str, level: int = logging.WARNING) -> logging.Handler:
   """Sends every log record at `level` and above (with tracebacks) to WORKDIR/logs/run.log.
 
-  Returns the handler; remove it from the root logger when the run ends.
+  The loggers' own levels are left alone. Returns the handler; remove it from
+  the root logger when the run ends.
   """
   path = os.path.join(workdir, LOG_FILE)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   handler = logging.FileHandler(path)
   handler.setLevel(level)
   handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
-  root = logging.getLogger()
-  root.addHandler(handler)
-  if root.level > level or root.level == logging.NOTSET:
-    root.setLevel(level)
+  logging.getLogger().addHandler(handler)
   return handler
 
 
