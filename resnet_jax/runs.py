@@ -23,7 +23,16 @@ def read_metrics(workdir) -> list[dict[str, Any]]:
   path = epath.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise
+      # The last line of a run killed while writing it: dropped (and by truncate_metrics).
+  return records
 
 
 

@@ -9,15 +9,21 @@ checkpoint meaningful (model, batch size, seed, data), checked on resume.
 
 Saving is asynchronous: `Checkpointer.save` returns once the arrays are copied
 to host memory and the files are written by a background thread; an error
-there (disk full, permission denied) is raised by the next `save`, `wait` or
-`close`. Orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it
+there (disk full, permission denied) is raised by the next `poll` (the loop
+calls it after every step), `save`, `wait` or `close`. Orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it
 when complete, so a crash mid-save leaves a temporary directory, never a
 half-written `<step>`.
 
-Resuming takes the newest checkpoint that restores. A damaged one (truncated
-or missing files) is skipped with a warning and, once an older one has
-restored, moved aside to `<step>.damaged-<time>`; leftover temporary
-directories are removed with a warning. If checkpoints exist but none can be
+Once a save is complete, the sha256 of each of its files goes into
+`<step>/sha256.json` (`loading.write_manifest`); reading verifies them, so
+flipped bytes are found instead of restored as NaN or 3e38.
+
+Resuming takes the newest checkpoint that restores. A damaged one (truncated,
+missing or changed files, unreadable metadata, non-finite values) is skipped
+with a warning and, once an older one has restored, moved aside to
+`<step>.damaged-<time>`; leftover temporary directories are removed with a
+warning. A read error (permissions, I/O) is not damage: the run stops with it
+and nothing is moved (`integrity.py`). If checkpoints exist but none can be
 read, the run stops rather than silently start again from scratch.
 
 For inference, `load_variables(path)` returns `{'params', 'batch_stats'}` as
@@ -40,11 +46,12 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from resnet_jax.training import parallel
+from resnet_jax.training import integrity, parallel
 from resnet_jax.weights import loading
 
 # Config fields that must match for a checkpoint to make sense on resume: the
@@ -215,6 +222,18 @@ class Checkpointer:
     if step is not None and not epath.Path(self.path(step)).is_dir():
       raise CheckpointError(f'The checkpoint of step {step} was not completed: {self.path(step)} '
                             'does not exist after the save (see the errors logged above).')
+    if step is not None and self._lead:
+      try:
+        loading.write_manifest(self.path(step))
+      except OSError as e:
+        raise CheckpointError(f'Could not write the checksums of {self.path(step)}: {_short(e)}. '
+                              f'Check the free space and permissions of {self.directory}.') from e
+
+  def poll(self) -> None:
+    """Cheap, after every step: completes a save that has finished in the background, so that
+    its error (disk full, ...) is raised now rather than at the next checkpoint."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
 
   def close(self) -> None:
     if self._closed:
@@ -246,26 +265,16 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     failures = []
     steps = sorted(self.manager.all_steps(), reverse=True)
-    # Multi-host: every process restores the same step, the newest that all of them see.
+    # Multi-host: every process restores the same step, the newest that all of them see;
+    # a step counts as damaged or unreadable if it is so on any process (`_judged`).
     newest = parallel.min_over_processes(steps[0] if steps else -1)
     for step in [s for s in steps if s <= newest]:
-      error = None
-      try:
-        meta = self._read_meta(step)
-      except Exception as e:  # pylint: disable=broad-except
-        error = e
-      if error is None:
-        _check_fingerprint(meta, self.config, self.directory, self.data_fingerprint)
-        try:
-          state = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract)))['state']
-          found = int(parallel.fetch(state.step))
-          if found != step:
-            raise ValueError(f'it holds step {found}')
-        except Exception as e:  # pylint: disable=broad-except
-          error = e
-      if not parallel.min_over_processes(error is None) and error is None:
-        error = RuntimeError('another process could not restore it')
+      meta, error = self._judged(step, lambda s=step: self._verified_meta(s))
+      if error is not None:
+        failures.append(self._skip(step, error))
+        continue
+      _check_fingerprint(meta, self.config, self.directory, self.data_fingerprint)
+      state, error = self._judged(step, lambda s=step: self._restore_state(s, abstract))
       if error is not None:
         failures.append(self._skip(step, error))
         continue
@@ -280,6 +289,45 @@ class Checkpointer:
           'and run again.')
     return None
 
+  def _judged(self, step: int, read) -> tuple[Any, BaseException | str | None]:
+    """(read(), None), or (None, error) if the checkpoint is damaged on any process.
+
+    Raises CheckpointError, and moves nothing, if the read failed for another
+    reason (permissions, I/O) on any process.
+    """
+    value, error, code = None, None, integrity.OK
+    try:
+      value = read()
+    except Exception as e:  # pylint: disable=broad-except
+      error, code = e, integrity.verdict(e)
+    code = integrity.agree(code)
+    if code == integrity.READ_ERROR:
+      cause = _short(error) if error is not None else 'a read error on another process'
+      raise CheckpointError(
+          f'Could not read the checkpoint {self.path(step)}: {cause}. This is a read error, not '
+          'damage: nothing was set aside. Fix the cause (permissions, the filesystem) and run '
+          'again to resume.') from error
+    if code == integrity.DAMAGED:
+      return None, error if error is not None else 'damaged as read by another process'
+    return value, None
+
+  def _verified_meta(self, step: int) -> dict[str, Any]:
+    """The meta of a checkpoint whose files match their checksums (checked by process 0)."""
+    if self._lead:
+      loading.verify_manifest(self.path(step))
+    return self._read_meta(step)
+
+  def _restore_state(self, step: int, abstract: Any) -> Any:
+    state = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))['state']
+    found = int(parallel.fetch(state.step))
+    if found != step:
+      raise loading.CorruptCheckpointError(f'it holds step {found}')
+    for path, x in jax.tree_util.tree_leaves_with_path(state):
+      if jnp.issubdtype(x.dtype, jnp.floating) and not bool(parallel.fetch(jnp.isfinite(x).all())):
+        raise loading.CorruptCheckpointError(f'{jax.tree_util.keystr(path)} holds non-finite values')
+    return state
+
   def _read_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
@@ -293,10 +341,11 @@ class Checkpointer:
       _check_fingerprint(meta, self.config, self.directory, self.data_fingerprint)
       return
 
-  def _skip(self, step: int, error: BaseException) -> tuple[int, str]:
+  def _skip(self, step: int, error: BaseException | str) -> tuple[int, str]:
+    error = error if isinstance(error, str) else _short(error)
     logging.warning('Skipping the checkpoint %s, which cannot be restored: %s',
-                    self.path(step), _short(error))
-    return step, _short(error)
+                    self.path(step), error)
+    return step, error
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames damaged checkpoints, so that the resumed run can write those steps again."""

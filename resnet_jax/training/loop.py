@@ -7,6 +7,7 @@ logging and checkpoints on fixed step boundaries, and write result.json.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -17,6 +18,8 @@ import threading
 import time
 from typing import Any, Callable
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from etils import epath
@@ -25,6 +28,7 @@ from resnet_jax import analysis
 from resnet_jax.kernels import host_memory
 from resnet_jax.training import build as build_lib
 from resnet_jax.training import checkpoints, metrics, parallel
+from resnet_jax.training import workdir as workdir_lib
 from resnet_jax.training.state import TrainState
 
 
@@ -33,11 +37,15 @@ class NonFiniteError(FloatingPointError):
 
 
 class RunInterrupted(Exception):
-  """SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written."""
+  """SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written (if one finished)."""
 
-  def __init__(self, signum: int, step: int):
-    super().__init__(f'Interrupted by {signal.Signals(signum).name} after step {step}; '
-                     'a checkpoint was written. Run the same command again to resume.')
+  def __init__(self, signum: int, step: int, *, during: str = ''):
+    name = signal.Signals(signum).name
+    super().__init__(
+        f'Interrupted by {name} during start-up ({during}); no step was trained, nothing new was '
+        'written. Run the same command again to start.' if during else
+        f'Interrupted by {name} after step {step}; a checkpoint was written. Run the same '
+        'command again to resume.')
     self.signum = signum
     self.step = step
 
@@ -100,6 +108,11 @@ class _StopSignals:
     self.signum = None
     self._previous = {}
 
+  def check(self, during: str, step: int = 0) -> None:
+    """Start-up's safe points: raises RunInterrupted if a signal has arrived."""
+    if self.signum:
+      raise RunInterrupted(self.signum, step, during=during)
+
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # signals only work there
       for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,25 +147,41 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   Returns the contents of `result.json`, plus 'state' (the final
   `TrainState`, for notebooks and analysis) and 'compilations' (how often each
   step was compiled). Raises `RunInterrupted` after writing a checkpoint on
-  SIGTERM/SIGINT, and `NonFiniteError` (without checkpointing) if the loss or
-  gradient norm stops being finite.
+  SIGTERM/SIGINT (during start-up: at the next safe point, writing nothing),
+  `NonFiniteError` (without checkpointing) if the loss or gradient norm stops
+  being finite, and `workdir.WorkdirInUseError` if another run holds `workdir`.
   """
+  # The signal handlers come first: a Ctrl-C while XLA compiles must not land in C++.
+  with _StopSignals() as stop, contextlib.ExitStack() as cleanup:
+    return _train_and_evaluate(config, workdir, source, stop, cleanup)
+
+
+def _train_and_evaluate(config, workdir: str, source: Any, stop: _StopSignals,
+                        cleanup: contextlib.ExitStack) -> dict[str, Any]:
   start_time = time.time()
   run = build_lib.build(config, source=source)
   source, num_steps = run.source, run.num_steps
   lead = jax.process_index() == 0
   if lead:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  # One run per workdir (a local lock file; object stores cannot lock, see workdir.py);
+  # details such as orbax's tracebacks go to WORKDIR/logs/run.log.
+  cleanup.enter_context(workdir_lib.WorkdirLock(workdir, enabled=lead))
+  if lead and workdir_lib.is_local(workdir):
+    cleanup.callback(logging.getLogger().removeHandler, workdir_lib.log_to_file(workdir))
+  stop.check('after building the run')
   label = 'SYNTHETIC DATA' if source.synthetic else ''
   # Refuses another experiment's checkpoints before the costly initialisation.
   ckpt = checkpoints.Checkpointer(workdir, config, num_classes=source.num_classes,
                                  data_fingerprint=source.fingerprint())
+  cleanup.push(ckpt)  # closed on the way out, whichever way that is
   batch_sharding = run.batch_sharding
   state = run.init_state()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   restored = ckpt.restore(state)
   state = state if restored is None else restored
+  stop.check('after restoring')
   start_step = int(parallel.fetch(state.step))
   if start_step > num_steps:
     ckpt.close()
@@ -165,8 +194,10 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
     progress.message(f'Resuming from the checkpoint at step {start_step} in {ckpt.directory}')
     if lead:
       metrics.truncate_metrics(workdir, start_step)
+  elif lead:  # an earlier attempt that stopped before its first checkpoint: start its logs anew
+    workdir_lib.set_aside_aborted_attempt(workdir)
   if lead:
-    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    workdir_lib.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   writer = metrics.MetricWriter(workdir, enabled=lead)
   progress.message(f'{config.model.name}: {num_params:,} parameters; {num_steps} steps of '
                    f'{config.batch_size} on {jax.device_count()} {jax.devices()[0].device_kind} '
@@ -196,9 +227,10 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
   window_start, window_step = time.perf_counter(), start_step
   previous = None
   eval_results: dict[str, Any] = {}
-  with _StopSignals() as stop, ckpt:  # ckpt: any error waits for the save in flight
+  with ckpt:  # ckpt: any error waits for the save in flight
     for step in range(start_step, num_steps):
       state, step_metrics = p_train(state, next(batches))
+      ckpt.poll()  # a background save that failed is reported now, not a checkpoint later
       if previous is not None and not parallel.fetch(previous[1]['finite']):
         _raise_nonfinite(previous[0], previous[1])
       previous = (step + 1, step_metrics)

@@ -62,11 +62,18 @@ class MetricWriter:
 
 
 def truncate_metrics(workdir: str | epath.PathLike, after_step: int) -> None:
-  """Drops records past `after_step`: a resumed run rewrites them from its checkpoint."""
-  records = read_metrics(workdir)
-  keep = [r for r in records if r['step'] <= after_step]
-  if len(keep) != len(records):
-    (epath.Path(workdir) / METRICS_FILE).write_text(''.join(json.dumps(r) + '\n' for r in keep))
+  """Drops records past `after_step`: a resumed run rewrites them from its checkpoint.
+
+  Rewritten whole (to a temporary file, then renamed), also when nothing is
+  past the step: a torn last line of a killed run goes too.
+  """
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return
+  keep = [r for r in read_metrics(workdir) if r['step'] <= after_step]
+  tmp = path.parent / f'{path.name}.tmp'
+  tmp.write_text(''.join(json.dumps(r) + '\n' for r in keep))
+  tmp.replace(path)
 
 
 def _duration(seconds: float) -> str:

@@ -2,8 +2,10 @@
 
 A checkpoint is the directory `WORKDIR/checkpoints/<step>` that orbax writes
 (`training/checkpoints.py`): `state/` (the train state's arrays) and `meta/`
-(JSON: model name, constructor arguments, config, fingerprint). These readers
-need neither the run's devices nor its config:
+(JSON: model name, constructor arguments, config, fingerprint), and
+`sha256.json`, the checksums of their files, which the readers verify (a
+checkpoint written before it existed is read unverified). These readers need
+neither the run's devices nor its config:
 
     info = checkpoint_info('workdirs/digits_resnet20')
     variables = load_variables(info['path'])
@@ -13,6 +15,7 @@ need neither the run's devices nor its config:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,13 +30,99 @@ TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax 0.12: '<step>.orbax-checkpoint-tmp
 METRICS_FILE = os.path.join('metrics', 'metrics')  # orbax's per-step metrics (keep_best_checkpoint)
 
 
+MANIFEST = 'sha256.json'  # {relative path: sha256} of every file orbax wrote, next to state/meta
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written, or none of the checkpoints found can be read."""
 
 
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint's files differ from what was saved: a checksum, a missing file, a non-finite value."""
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(step_dir):
+    out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
+  return sorted(f for f in out if f != MANIFEST and not f.startswith(MANIFEST + '.'))
+
+
+def write_manifest(step_dir: str) -> None:
+  """Records the sha256 of every file of a finished checkpoint, so that damage is found on reading.
+
+  Written after orbax has completed the step (atomically: temp file, then
+  rename). A checkpoint without one (older code, or a crash in between) is
+  read unverified; its arrays are still checked for non-finite values.
+  """
+  sums = {f: _sha256(os.path.join(step_dir, f)) for f in _files(step_dir)}
+  tmp = os.path.join(step_dir, f'{MANIFEST}.tmp-{os.getpid()}')
+  with open(tmp, 'w') as f:
+    json.dump(sums, f, indent=0, sort_keys=True)
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def verify_manifest(step_dir: str) -> bool:
+  """Checks a checkpoint's files against its manifest; False if it has none (older checkpoints).
+
+  Raises CorruptCheckpointError naming the first file that is missing or whose
+  contents changed. Other OSErrors (permissions, I/O) propagate as they are:
+  they say nothing about the checkpoint itself.
+  """
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      sums = json.load(f)
+  except ValueError as e:
+    raise CorruptCheckpointError(f'its checksum manifest {path} is unreadable ({e})') from e
+  for name, expected in sorted(sums.items()):
+    file = os.path.join(step_dir, name)
+    if not os.path.exists(file):
+      raise CorruptCheckpointError(f'the file {name} is missing')
+    if _sha256(file) != expected:
+      raise CorruptCheckpointError(f'the file {name} does not match its checksum (changed on disk '
+                                   'after it was saved)')
+  return True
+
+
+def check_finite(tree: Any) -> None:
+  """Raises CorruptCheckpointError if a floating-point array of `tree` has a NaN or infinity."""
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+      raise CorruptCheckpointError(f'{jax.tree_util.keystr(path)} holds non-finite values '
+                                   '(a damaged file, or a run saved past a divergence)')
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+  """The OSError that caused `error` (itself, or along its __cause__/__context__ chain), if any."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError) and error.errno is not None:
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def short(error: BaseException, limit: int = 400) -> str:
+  """One line for a message: the error, cut at `limit`, ending with the OS error behind it."""
   text = f'{type(error).__name__}: {error}'.replace('\n', ' ')
-  return text if len(text) <= limit else text[:limit] + ' ...'
+  text = text if len(text) <= limit else text[:limit] + ' ...'
+  cause = os_error_in(error)
+  if cause is not None and cause.strerror and cause.strerror not in text:
+    text += f' ({cause.strerror})'
+  return text
 
 
 def steps(directory: str) -> list[int]:
@@ -62,6 +151,7 @@ def _step_dirs(path: str) -> list[str]:
 
 def _read(step_dir: str, keys: tuple[str, ...] | None) -> tuple[dict[str, Any], dict[str, Any]]:
   """(meta, state) of one checkpoint; state as numpy arrays, only `keys` if given (None: all)."""
+  verify_manifest(step_dir)
   meta = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / 'meta')
   handler = ocp.PyTreeCheckpointHandler()
   state_dir = epath.Path(step_dir) / 'state'
@@ -74,6 +164,7 @@ def _read(step_dir: str, keys: tuple[str, ...] | None) -> tuple[dict[str, Any], 
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   state = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
       item=tree, restore_args=restore_args, partial_restore=keys is not None))
+  check_finite(state)
   return meta, state
 
 
@@ -85,6 +176,10 @@ def _read_newest(dirs: list[str], keys: tuple[str, ...] | None) -> tuple[str, di
       return (step_dir, *_read(step_dir, keys))
     except Exception as e:  # pylint: disable=broad-except
       if len(dirs) == 1:
+        if isinstance(e, CorruptCheckpointError):
+          raise CorruptCheckpointError(
+              f'The checkpoint {step_dir} is damaged: {e}. Load an older checkpoint '
+              f'({os.path.dirname(step_dir)}/<step>) or the workdir, which skips it.') from e
         raise CheckpointError(f'Cannot read the checkpoint {step_dir}: {short(e)}') from e
       logging.warning('Skipping the checkpoint %s, which cannot be read: %s', step_dir, short(e))
       failures.append(f'  {step_dir}: {short(e)}')
