@@ -156,11 +156,12 @@ def _reference_cifar_resnet(variables, x, train=False, momentum=0.9):
 
 
 def _perturbed(variables, seed=2):
-  """Non-trivial BN statistics and affine parameters, so BN placement matters."""
-  leaves, tree = jax.tree.flatten(variables)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  """Non-trivial BN statistics and affine parameters, so BN placement matters (weights kept)."""
+  paths, tree = jax.tree_util.tree_flatten_with_path(variables)
+  keys = jax.random.split(jax.random.key(seed), len(paths))
   return jax.tree.unflatten(tree, [
-      jnp.abs(l + 0.3 * jax.random.normal(k, l.shape)) + 0.1 for l, k in zip(leaves, keys)])
+      l if 'kernel' in jax.tree_util.keystr(path) else
+      jnp.abs(l + 0.3 * jax.random.normal(k, l.shape)) + 0.1 for (path, l), k in zip(paths, keys)])
 
 
 def test_cifar_network_matches_an_independent_reference():
