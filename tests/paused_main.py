@@ -9,10 +9,15 @@ during that step. A test can thus signal a run at a known step however slow
 or fast the machine is: no race between the signal and the end of the run.
 """
 
+import os
 import runpy
 import signal
 import sys
 import time
+
+# This checkout's package, not whichever one the environment has installed
+# (a script's sys.path[0] is tests/, not the repository).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from resnet_jax.kernels import host_memory
 
