@@ -10,7 +10,12 @@ and the logged training losses.
 """
 
 import ast
+import os
 import sys
+
+# This checkout's package, not whichever one the environment has installed
+# (a script's sys.path[0] is tests/, not the repository).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np

@@ -9,10 +9,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import flags
 
 from resnet_jax.training import optim
 from resnet_jax.training import parallel
 from resnet_jax import summary
+from resnet_jax import sweep
 from resnet_jax.training import state as state_lib
 from resnet_jax.training import build
 
@@ -32,9 +34,32 @@ def load(path):
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
-  config.lock()
-  return module, config
+  return module, module.get_config()
+
+
+# torchvision's parameter counts of the option-B ImageNet ResNets.
+TORCHVISION_PARAMS = {'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
+                      'resnet101': 44_549_160, 'resnet152': 60_192_808}
+
+
+def expected_params(name, shortcut):
+  """The parameter count of an experiment's network, derived from the paper's architecture."""
+  if name.startswith('cifar_'):  # option A and plain nets: no shortcut parameters
+    n = (int(name.split('resnet')[-1].split('plain')[-1]) - 2) // 6
+    # ResNet-20 (n=3) has 269,722; each further n adds one block (2 3x3 convs, 2 BNs) per stage.
+    per_n = sum(2 * (9 * w * w + 2 * w) for w in (16, 32, 64))
+    return 269_722 + (n - 3) * per_n
+  # Basic-block nets: B projects at the 3 downsampling blocks (1x1 conv + BN), A and plain never,
+  # C at every block (the identity ones included).
+  projection = lambda c_in, c_out: c_in * c_out + 2 * c_out
+  downsampling = sum(projection(c, 2 * c) for c in (64, 128, 256))
+  base = TORCHVISION_PARAMS[name.replace('plain', 'resnet')]
+  if name.startswith('plain') or shortcut == 'A':
+    return base - downsampling
+  if shortcut == 'C':
+    identity_blocks = {64: 3, 128: 3, 256: 5, 512: 2}  # resnet34: (3, 4, 6, 3) blocks
+    return base + sum(k * projection(c, c) for c, k in identity_blocks.items())
+  return base
 
 
 def test_there_is_one_file_per_paper_experiment():
@@ -58,7 +83,8 @@ def test_experiment_loads_builds_its_model_and_passes_start_up_checks(path):
   model = state_lib.create_model(config, num_classes=1000 if 'imagenet' in config.data.dataset else 10)
   shape = (1, config.data.image_size, config.data.image_size, 3) if 'imagenet' in path else (1, 32, 32, 3)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
-  assert summary.count_params(variables['params']) > 0
+  assert summary.count_params(variables['params']) == expected_params(config.model.name,
+                                                                     config.model.shortcut)
   for key in ('model.name', 'data.source', 'data.data_dir', 'batch_size', 'num_train_steps',
               'eval_every_steps', 'checkpoint_every_steps', 'log_every_steps', 'seed',
               'learning_rate', 'weight_decay', 'momentum'):
@@ -79,8 +105,23 @@ def test_cifar_experiments_follow_the_paper_recipe():
   assert config.warmup_steps == 0
 
 
-def test_a_mistyped_key_is_an_error():
-  _, config = load(os.path.join(ROOT, 'experiments', 'cifar_resnet20.py'))
+def test_the_command_line_hands_the_run_a_locked_config(monkeypatch, tmp_path):
+  """A mistyped key set anywhere in the run (not only on the command line) is an error."""
+  from resnet_jax import main  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(main.loop, 'train_and_evaluate',
+                      lambda config, workdir: seen.append(config) or {})
+  flags.FLAGS(['main', f'--config={ROOT}/experiments/cifar_resnet20.py', f'--workdir={tmp_path}'])
+  try:
+    main.main(['main'])
+  finally:
+    flags.FLAGS.unparse_flags()
+  [config] = seen
+  with pytest.raises(AttributeError, match='batch_sise'):
+    config.batch_sise = 64
+  config.batch_size = 64  # existing keys stay settable
+  # The sweep's configs are the same.
+  config = sweep.parse_config(os.path.join(ROOT, 'experiments', 'cifar_resnet20.py'))
   with pytest.raises(AttributeError, match='batch_sise'):
     config.batch_sise = 64
 

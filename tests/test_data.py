@@ -4,6 +4,8 @@ import io
 import itertools
 import os
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 
@@ -17,6 +19,8 @@ from resnet_jax import benchmark_input
 from resnet_jax import configs
 from resnet_jax import data
 from resnet_jax.data import arrays, imagenet, tfds_source
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N = 40  # examples per mock split: 5 steps per epoch at batch 8
 
@@ -416,13 +420,40 @@ def test_imagenet_pipeline_on_mock_data(cache):
       assert_batches_equal(concat_batches(a, b), s)
 
 
+def _images_timed(result):
+  """The images the benchmark counted (rate x time): exact whatever the clock says."""
+  return result['images_per_s'] * result['ms_per_batch'] * result['num_batches'] / 1000
+
+
 def test_benchmarks_run():
   result = benchmark_input.pipeline_throughput(configs.digits(batch_size=16), num_batches=3, warmup=1)
-  assert result['name'] == 'digits' and result['images_per_s'] > 0
+  assert result['name'] == 'digits' and result['num_batches'] == 3
+  assert _images_timed(result) == pytest.approx(3 * 16)
   c = imagenet_config()
   result = benchmark_input.jpeg_throughput(c, num_batches=2, warmup=1, num_images=3)
-  assert result['batch_size'] == 4 and result['images_per_s'] > 0
+  assert result['batch_size'] == 4 and _images_timed(result) == pytest.approx(2 * 4)
 
 
-def test_tensorflow_sees_no_gpu():
-  assert tf.config.get_visible_devices('GPU') == []
+HIDE_GPUS = """
+import tensorflow as tf
+calls = []
+tf.config.set_visible_devices = lambda devices, kind: calls.append((devices, kind))
+from resnet_jax.data import tfds_source
+print(calls)
+"""
+
+
+def test_reading_with_tensorflow_hides_the_gpus_from_it():
+  """TF only decodes and augments: importing the tfds source keeps it off the GPUs JAX needs."""
+  out = subprocess.run([sys.executable, '-c', HIDE_GPUS], capture_output=True, text=True,
+                       timeout=300, check=False, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().splitlines()[-1] == "[([], 'GPU')]"
+
+
+def test_hiding_the_gpus_too_late_is_a_warning_not_an_error(monkeypatch, caplog):
+  def initialised(devices, kind):
+    raise RuntimeError('Visible devices cannot be modified after being initialized')
+  monkeypatch.setattr(tf.config, 'set_visible_devices', initialised)
+  tfds_source.hide_gpus_from_tensorflow()
+  assert 'Could not hide GPUs from TensorFlow' in caplog.text

@@ -1,9 +1,7 @@
 """The oneDNN/OpenMP convolutions and BatchNorm compute what XLA computes, and 'auto' picks them only where they run."""
 
-import os
 import platform
 import shutil
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -14,12 +12,10 @@ import pytest
 
 import resnet_jax
 from resnet_jax import models
-from resnet_jax.kernels import host_memory
 from resnet_jax.kernels import onednn
 
 from model_compare import train_loss_and_grads  # tests/model_compare.py
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where the oneDNN wheels are dependencies of the package and a compiler exists,
 # the oneDNN path must work; elsewhere these tests say why they skip.
 EXPECTED_HERE = (sys.platform.startswith('linux') and platform.machine() == 'x86_64'
@@ -125,53 +121,24 @@ def test_auto_picks_onednn_only_where_it_runs():
     resnet_jax.create_model('cifar_resnet20', conv='onednn', dtype='bfloat16')
   with pytest.raises(ValueError, match="'auto', 'xla', 'onednn', 'cpu_kgrad'"):
     resnet_jax.create_model('cifar_resnet20', conv='fast')
-  # Ghost BN keeps its own (jnp) statistics; the oneDNN BN would average the whole batch.
-  assert onednn.BatchNorm.normalize_batch is not models.GhostBatchNorm.normalize_batch
+
+
+def test_onednn_batch_norm_keeps_ghost_batch_statistics():
+  """With ghost_batch_size the oneDNN model normalises each group by its own statistics."""
+  _require_onednn()
+  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 16)) * 3 + 1
+  x = x.at[4:].multiply(5.0)  # the two halves differ: whole-batch statistics would show
+  ghost = models.GhostBatchNorm(group_size=4)
+  v = ghost.init(jax.random.key(1), x)
+  y_ref, s_ref = ghost.apply(v, x, mutable=['batch_stats'])
+  y, s = jax.jit(lambda v, x: onednn.BatchNorm(group_size=4).apply(v, x, mutable=['batch_stats']))(v, x)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s, s_ref)
+  whole, _ = onednn.BatchNorm().apply(v, x, mutable=['batch_stats'])
+  assert not np.allclose(whole, y_ref, atol=1e-2)
 
 
 def test_missing_library_names_the_fix(monkeypatch, tmp_path):
   monkeypatch.setattr(onednn, '_prefixes', lambda: [tmp_path])
   with pytest.raises(onednn.OneDNNUnavailable, match='pip install .onednn-cpu-gomp'):
     onednn._find_onednn()
-
-
-_FAULTS = """
-import importlib.util, resource
-import resnet_jax, jax
-from resnet_jax import benchmark
-spec = importlib.util.spec_from_file_location('c', 'experiments/cifar_resnet20.py')
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-config = module.get_config()
-config.data.source = 'synthetic'
-steps = benchmark.JaxSteps(config)  # ResNet-20, batch 128: ~300 MB of step buffers
-steps.compile()
-for _ in range(3):  # until the heap has grown to its steady size
-  jax.block_until_ready(steps.train_step())
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):
-  jax.block_until_ready(steps.train_step())
-print(resnet_jax.host_memory.status, '|', (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 2)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
-def test_step_buffers_are_reused_not_refaulted_each_call():
-  """host_memory: a train step's buffers come back from the heap, not as fresh pages."""
-  def faults(**env):
-    proc = subprocess.run([sys.executable, '-c', _FAULTS], env=dict(os.environ, JAX_PLATFORMS='cpu', **env),
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    status, count = out.strip().splitlines()[-1].split('|')
-    return status.strip(), int(count)
-
-  tuned_status, tuned = faults()
-  default_status, default = faults(RESNET_JAX_MALLOC='default')
-  assert tuned_status == 'one arena, no mmap, no trim' and 'default' in default_status
-  pages = (200 << 20) // 4096
-  assert default > pages, default     # glibc's default: ~73,000 fresh pages every step
-  # resnet_jax's settings: the same pages again (measured: 0 with the oneDNN
-  # kernels, ~7,400 with XLA's, whose convolutions fault in scratch of their own).
-  assert tuned < default / 5, (tuned, default)
-  assert host_memory.status == tuned_status  # this test process runs with them too

@@ -15,7 +15,9 @@ The shared library is compiled on first use with the machine's C++ compiler
 against the oneDNN wheel (`onednn-cpu-gomp` + `onednn-devel-cpu-gomp`, installed
 with the package on Linux x86-64) and jaxlib's FFI headers, and cached in
 `$RESNET_JAX_CACHE` (default ~/.cache/resnet_jax), keyed by the source, the
-compiler command and the jaxlib version. It takes a few seconds, once.
+compiler command, the jaxlib and the oneDNN versions. It takes a few seconds,
+once per machine: concurrent processes wait for one build (`build.py`), and
+`python -m resnet_jax.kernels build` prebuilds it (clusters, shared caches).
 
 Scope: float32, NHWC, the CPU backend on a single device (what a CPU machine
 trains with). Other dtypes take the `lax`/jnp path inside the same modules;
@@ -29,10 +31,8 @@ import ctypes
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 from functools import partial
 from pathlib import Path
@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from resnet_jax.kernels import build
 from resnet_jax.kernels import cpu_conv
 from resnet_jax.models import resnet as models
 
@@ -81,12 +82,6 @@ def _find_onednn() -> tuple[Path, Path]:
       f'Fix: {_INSTALL}, or use model.conv=xla.')
 
 
-def _cache_dir() -> Path:
-  root = os.environ.get('RESNET_JAX_CACHE') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'resnet_jax')
-  return Path(root)
-
-
 def _compiler() -> str:
   for cxx in (os.environ.get('CXX'), 'g++', 'c++', 'clang++'):
     if cxx and shutil.which(cxx):
@@ -104,31 +99,35 @@ def _simd_flags() -> list[str]:
   return ['-mavx2', '-mfma'] if 'avx2' in flags and 'fma' in flags else []
 
 
-def _build() -> Path:
+def _onednn_version(inc: Path) -> str:
+  """'3.2.0 (40112196...)' from the headers the library is built against."""
+  try:
+    text = (inc / 'oneapi' / 'dnnl' / 'dnnl_version.h').read_text()
+  except OSError:
+    return 'unknown'
+  fields = dict(line.split()[1:3] for line in text.splitlines()
+                if line.startswith('#define DNNL_VERSION_') and len(line.split()) >= 3)
+  return (f"{fields.get('DNNL_VERSION_MAJOR')}.{fields.get('DNNL_VERSION_MINOR')}."
+          f"{fields.get('DNNL_VERSION_PATCH')} ({fields.get('DNNL_VERSION_HASH', '').strip(chr(34))})")
+
+
+def build_library(timeout: float | None = None) -> Path:
+  """Compiles (once per machine, see `build.py`) and returns the kernels' shared library.
+
+  Cached by the source, the compiler command, the jaxlib version (its FFI
+  headers) and the oneDNN version. Raises OneDNNUnavailable with the fix.
+  """
   lib, inc = _find_onednn()
   cxx = _compiler()
   cmd = [cxx, '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w', *_simd_flags(),
          f'-I{jax.ffi.include_dir()}', f'-I{inc}', str(_SOURCE), f'-L{lib}', '-ldnnl',
          f'-Wl,-rpath,{lib}']
-  key = hashlib.sha256(_SOURCE.read_bytes() + ' '.join(cmd).encode() +
-                       jax.lib.__version__.encode()).hexdigest()[:16]
-  out = _cache_dir() / f'onednn_ops-{key}.so'
-  if out.exists():
-    return out
+  key = hashlib.sha256('\0'.join([_SOURCE.read_text(), *cmd, jax.lib.__version__,
+                                   _onednn_version(inc)]).encode()).hexdigest()[:16]
   try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-  except OSError:  # read-only home: build in the temp dir instead
-    out = Path(tempfile.gettempdir()) / f'resnet_jax-{os.getuid()}' / out.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-  # Build beside the target and rename: concurrent processes never see half a file.
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
-  os.close(fd)
-  proc = subprocess.run(cmd + ['-o', tmp], capture_output=True, text=True, check=False)
-  if proc.returncode != 0:
-    os.unlink(tmp)
-    raise OneDNNUnavailable(f'Building {_SOURCE} failed:\n{" ".join(cmd)}\n{proc.stderr[-3000:]}')
-  os.replace(tmp, out)
-  return out
+    return build.cached_library('onednn_ops', key, cmd, timeout=timeout)
+  except build.BuildError as e:
+    raise OneDNNUnavailable(f'{e}\nOr use model.conv=xla.') from None
 
 
 def load() -> None:
@@ -141,7 +140,7 @@ def load() -> None:
     try:
       if not sys.platform.startswith('linux'):
         raise OneDNNUnavailable(f'oneDNN convolutions are built for Linux only (this is {sys.platform}).')
-      lib = ctypes.cdll.LoadLibrary(str(_build()))
+      lib = ctypes.cdll.LoadLibrary(str(build_library()))
     except OneDNNUnavailable as e:
       _state['error'] = str(e)
       raise
