@@ -85,6 +85,13 @@ def test_workdir_normalises_with_the_run_s_statistics(short_digits_run, image_fo
   assert predict.main([f'--workdir={short_digits_run[0]}', *files]) == 0
   from_workdir = _parse(capsys.readouterr().out)
   assert from_workdir == from_file and len(from_file) == 3
+  # Printed to 0.01%, a barely trained net can hide a wrong input: compare the inputs too.
+  images = np.stack([predict.prepare(f, 'cifar') for f in files])
+  run_net = predict.load_network(workdir=short_digits_run[0])
+  file_net = resnet_jax.pretrained('digits', directory=weights_dir)
+  np.testing.assert_allclose(run_net['normalize'](images), file_net['normalize'](images),
+                             atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, run_net['variables'], file_net['variables'])
 
 
 def test_best_without_a_recorded_validation_error_is_an_error(short_digits_run, image_folder,

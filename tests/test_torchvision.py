@@ -15,6 +15,7 @@ import pytest
 import resnet_jax
 from resnet_jax import convert
 from resnet_jax.weights import from_torchvision, infer_model
+from resnet_jax.weights import torchvision as tv
 
 torch = pytest.importorskip('torch')
 
@@ -124,6 +125,19 @@ def test_layouts_and_normalisation(resnet18):
   expected = (np.array([0, 128, 255]) / 255 - np.array([0.485, 0.456, 0.406])) / np.array(
       [0.229, 0.224, 0.225])
   np.testing.assert_allclose(converted['normalize'](images)[0, 0, 0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['resnet34', 'resnet101', 'resnet152'])
+def test_every_depth_maps_key_for_key(name):
+  """The other depths, shapes only: torchvision builds them on the meta device (no memory)."""
+  with torch.device('meta'):
+    model = getattr(torchvision.models, name)()
+  state = {k: v for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
+  assert infer_model(state) == name
+  expected = tv._expected(name, 1000)  # pylint: disable=protected-access
+  assert set(expected) == set(state)
+  for key, (path, shape) in expected.items():
+    assert tv._torch_shape(shape, path[-1]) == tuple(state[key].shape), key  # pylint: disable=protected-access
 
 
 def test_infer_model(resnet18, resnet50):
