@@ -6,6 +6,7 @@
     init_fn, apply_fn = resnet_jax.functional('resnet50')
     variables = resnet_jax.load_variables('workdirs/r110')   # trained weights, numpy
     info = resnet_jax.checkpoint_info('workdirs/r110')       # which model, which step
+    net = resnet_jax.pretrained('cifar_resnet20')            # shipped weights (pretrained.available())
 
 Importing the package imports nothing heavy and changes nothing in the process:
 each name below loads its module on first use. (The CPU training commands also
@@ -24,6 +25,8 @@ _API = {
     'load_variables': 'resnet_jax.weights.loading',
     'load_state': 'resnet_jax.weights.loading',
     'checkpoint_info': 'resnet_jax.weights.loading',
+    'pretrained': 'resnet_jax.weights.shipped',
+    'from_torchvision': 'resnet_jax.weights.torchvision',
 }
 __all__ = sorted(_API)
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -208,10 +209,13 @@ def checkpoint_info(path: str, *, best: bool = False) -> dict[str, Any]:
   """What a checkpoint holds (see `load_variables` for `path`), without reading the arrays.
 
   Returns {'path', 'step', 'model', 'model_kwargs', 'config', 'fingerprint',
-  'validation_error'}: `functional(info['model'], **info['model_kwargs'])`
-  builds its network, `load_variables(info['path'])` loads its weights.
-  `validation_error` is recorded with `config.keep_best_checkpoint` (else
-  None); `best=True` picks the checkpoint with the lowest one.
+  'validation_error', 'normalize', 'label_names', 'source'}:
+  `functional(info['model'], **info['model_kwargs'])` builds its network,
+  `load_variables(info['path'])` loads its weights. `validation_error` is
+  recorded with `config.keep_best_checkpoint` (else None); `best=True` picks
+  the checkpoint with the lowest one. The last three are recorded by
+  `write_inference_checkpoint` (converted weights) and None for a run's
+  checkpoints, whose normalisation follows from `config`.
   """
   dirs = _step_dirs(path)
   if best:
@@ -224,7 +228,8 @@ def checkpoint_info(path: str, *, best: bool = False) -> dict[str, Any]:
   return {'path': step_dir, 'step': int(meta['step']), 'model': meta['model'],
           'model_kwargs': meta['model_kwargs'], 'config': meta['config'],
           'fingerprint': meta['fingerprint'],
-          'validation_error': _recorded_validation_error(step_dir)}
+          'validation_error': _recorded_validation_error(step_dir),
+          **{k: meta.get(k) for k in _INFERENCE_META}}
 
 
 def _recorded_validation_error(step_dir: str) -> float | None:
@@ -235,3 +240,46 @@ def _recorded_validation_error(step_dir: str) -> float | None:
     return None
   return None if value is None or not np.isfinite(value) else float(value)
 
+
+# ----------------------------------------------------------------------------
+# Writing weights that no run of ours trained (converted from torchvision).
+
+_INFERENCE_META = ('normalize', 'label_names', 'source')
+
+
+def write_inference_checkpoint(directory: str, variables: dict[str, Any], model: str,
+                               model_kwargs: dict[str, Any],
+                               extra_meta: dict[str, Any] | None = None) -> str:
+  """Writes `variables` as one checkpoint that `load_variables` and `checkpoint_info` read.
+
+  The layout is that of a run's `checkpoints/<step>` (orbax `state` holding
+  {'params', 'batch_stats'}, JSON `meta`) with step 0, an empty config and
+  fingerprint, and `extra_meta` (e.g. 'normalize', 'label_names', 'source';
+  JSON-serialisable) merged into the meta. `directory` must not exist: the
+  checkpoint is written beside it under a temporary name and renamed into
+  place when complete, so an error never leaves a half-written `directory`.
+  Returns the absolute path.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory):
+    raise FileExistsError(f'{directory} already exists; not overwriting it. Choose a new output '
+                          'directory or delete this one first.')
+  meta = {'step': 0, 'model': model, 'model_kwargs': dict(model_kwargs), 'config': {},
+          'fingerprint': {}, **(extra_meta or {})}
+  meta = json.loads(json.dumps(meta))  # fails here, before writing, if not JSON-serialisable
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = os.path.join(parent, f'.{os.path.basename(directory)}.partial-{os.getpid()}')
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    os.makedirs(staging)
+    tree = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+    tree = jax.tree.map(np.asarray, tree)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      checkpointer.save(os.path.join(staging, 'checkpoint'), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+    write_manifest(os.path.join(staging, 'checkpoint'))  # load_variables verifies it
+    os.rename(os.path.join(staging, 'checkpoint'), directory)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return directory
