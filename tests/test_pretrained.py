@@ -99,5 +99,5 @@ def test_damaged_file_is_reported(tmp_path):
 def test_package_data_ships_the_weight_files():
   setup = configparser.ConfigParser()
   setup.read(os.path.join(ROOT, 'setup.cfg'))
-  patterns = setup['options.package_data']['resnet_jax'].split()
-  assert 'weights/files/*.npz' in patterns
+  patterns = setup['options.package_data']['resnet_jax.weights'].split()
+  assert 'files/*.npz' in patterns

@@ -131,7 +131,7 @@ def test_start_up_checks_name_the_problem():
 
   class EightDevices:
     size = 8
-  with pytest.raises(ValueError, match='batch_size=12 is not divisible by the 8 devices'):
+  with pytest.raises(ValueError, match='batch_size=12 cannot be split evenly over the 8 devices'):
     parallel.check_batch_sizes(_tiny_config(batch_size=12), EightDevices())
   with pytest.raises(ValueError, match='log_every_steps'):
     build.check_config(_tiny_config(log_every_steps=0))

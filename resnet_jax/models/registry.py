@@ -108,7 +108,7 @@ def check_model_name(name: str) -> None:
     raise ValueError(f'Unknown model {name!r}. Valid names: {", ".join(list_models())}.')
 
 
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'float64')  # float64: exact comparisons on the CPU
 
 
 def check_dtype(dtype: Any) -> None:
