@@ -62,14 +62,17 @@ def create_mesh(devices: list[Any] | None = None) -> Mesh:
   """
   if devices is None:
     try:
-      mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+      # Auto axes: XLA propagates the shardings (jit with in/out shardings), as
+      # with a plain Mesh; make_mesh's default, Explicit, types them instead.
+      mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
     except (ValueError, NotImplementedError, TypeError) as e:  # unusual topologies
       logging.info('jax.make_mesh failed (%s); ordering devices by process.', e)
     else:
       if _process_contiguous(list(mesh.devices.flat)):
         return mesh
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _process_contiguous(devices: list[Any]) -> bool:
