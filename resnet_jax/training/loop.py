@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from resnet_jax.kernels import host_memory
 from resnet_jax.training import build as build_lib
-from resnet_jax.training import checkpoints, metrics, parallel
+from resnet_jax.training import checkpoints, metrics, multistep, parallel
 from resnet_jax.training.state import TrainState
 
 
@@ -174,17 +174,18 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
     progress.message(f'step {step}: {summary}')
     return out
 
-  batches = parallel.device_prefetch(source.train_batches(start_step), batch_sharding)
+  # Chunks of steps_per_dispatch steps that end on every log/eval/checkpoint boundary.
+  chunks = multistep.dispatches(run, start_step, num_steps)
   window_start, window_step = time.perf_counter(), start_step
   previous = None
   eval_results: dict[str, Any] = {}
   with _StopSignals() as stop, ckpt:  # ckpt: any error waits for the save in flight
-    for step in range(start_step, num_steps):
-      state, step_metrics = p_train(state, next(batches))
+    for step, n, inputs in chunks:
+      state, step_metrics = multistep.train(run, state, inputs)
       if previous is not None and not parallel.fetch(previous[1]['finite']):
         _raise_nonfinite(previous[0], previous[1])
-      previous = (step + 1, step_metrics)
-      done = step + 1
+      done = step + n
+      previous = (done, step_metrics)
       is_last = done == num_steps
       record = {}
       # Not on a signal: an extra record would make a resumed run's log differ.
