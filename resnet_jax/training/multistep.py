@@ -65,11 +65,17 @@ def to_devices(chunks: Iterator[tuple[int, int, Any]], sharding: jax.sharding.Sh
     yield queue.popleft()
 
 
-def dispatches(run, start: int, stop: int) -> Iterator[tuple[int, int, Any]]:
-  """What the loop runs: (step, n, device inputs) chunks from `start` to `stop`."""
+def dispatches(run, start: int, stop: int,
+               extra_intervals: Sequence[int] = ()) -> Iterator[tuple[int, int, Any]]:
+  """What the loop runs: (step, n, device inputs) chunks from `start` to `stop`.
+
+  `extra_intervals`: more boundaries the loop acts on (e.g. the steps at
+  which several processes agree on a stop request).
+  """
   k = run.steps_per_dispatch
   sharding = run.input_sharding(0) if k > 1 else run.input_sharding()
-  chunks = host_chunks(iter(run.train_inputs(start)), start, stop, k, boundaries(run.config))
+  intervals = (*boundaries(run.config), *extra_intervals)
+  chunks = host_chunks(iter(run.train_inputs(start)), start, stop, k, intervals)
   return to_devices(chunks, sharding)
 
 
