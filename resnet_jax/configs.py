@@ -80,6 +80,11 @@ def _data(**kw) -> ml_collections.ConfigDict:
       cache=True,
       num_parallel_calls=-1,  # -1 = tf.data.AUTOTUNE
       prefetch=2,
+      # In-memory datasets (CIFAR, digits): hold the uint8 training set on the
+      # devices and gather, crop and flip each batch inside the train step; the
+      # host sends only indices, crop offsets and flips (data/device.py). Same
+      # batches as the host pipeline.
+      device_input=False,
       # synthetic source: number of distinct examples it cycles through
       synthetic_examples=1024,
       # digits source: held-out test fraction
@@ -102,6 +107,9 @@ def base() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.keep_checkpoints = 3
   c.keep_best_checkpoint = False
+  # Train steps per compiled call (lax.scan); logging, evaluation and
+  # checkpoints still fall on the same steps (training/multistep.py).
+  c.steps_per_dispatch = 1
 
   # Optimiser: SGD with momentum and L2 weight decay, as in the paper.
   c.learning_rate = 0.1

@@ -21,6 +21,9 @@ command can be run again until everything is done, then
 Each run is a `python -m resnet_jax.main` subprocess by default (a crash or an
 out-of-memory error ends that run only); `--in_process` runs them all in this
 process instead (no start-up cost per run: for short CPU runs and tests).
+`--parallel_seeds` trains the unfinished seeds of each experiment together in
+this process, one compiled step vmapped over the seeds
+(`training/seeds.py`); each seed still writes its own RESULTS/E/seed<k>/.
 `--data=digits` runs each experiment's network with the offline digits recipe
 (a demonstration, not a reproduction); `--data=synthetic` on random images.
 """
@@ -191,8 +194,12 @@ def check_finished(run: Run, config) -> None:
           f'{key}={b!r}. Use another --results directory, or remove that run.')
 
 
-def run_all(runs: Sequence[Run], *, in_process: bool = False, log=print) -> list[Run]:
+def run_all(runs: Sequence[Run], *, in_process: bool = False, parallel_seeds: bool = False,
+            log=print) -> list[Run]:
   """Runs the unfinished `runs` in order; returns those that failed.
+
+  parallel_seeds: the unfinished seeds of each experiment train together in
+  this process (`training.seeds.train_seeds`).
 
   An interrupted run (SIGINT/SIGTERM) stops the sweep: it re-raises
   `loop.RunInterrupted` (in process) or exits with the run's status.
@@ -203,6 +210,8 @@ def run_all(runs: Sequence[Run], *, in_process: bool = False, log=print) -> list
       check_finished(r, configs[id(r)])
   todo = [r for r in runs if not r.finished]
   log(f'{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run.')
+  if parallel_seeds:
+    return _run_parallel_seeds(todo, configs, log)
   failed = []
   for i, r in enumerate(todo):
     log(f'[{i + 1}/{len(todo)}] {r.experiment} seed {r.seed} -> {r.workdir}')
@@ -232,6 +241,28 @@ def run_all(runs: Sequence[Run], *, in_process: bool = False, log=print) -> list
   return failed
 
 
+def _run_parallel_seeds(todo: Sequence[Run], configs: dict[int, object], log) -> list[Run]:
+  from resnet_jax.training import loop, seeds  # pylint: disable=g-import-not-at-top
+  groups: dict[str, list[Run]] = {}
+  for r in todo:
+    groups.setdefault(r.experiment, []).append(r)
+  failed = []
+  for i, (experiment, group) in enumerate(groups.items()):
+    log(f'[{i + 1}/{len(groups)}] {experiment} seeds {[r.seed for r in group]} together -> '
+        f'{os.path.dirname(group[0].workdir)}')
+    start = time.time()
+    try:
+      seeds.train_seeds([configs[id(r)] for r in group], [r.workdir for r in group])
+    except loop.RunInterrupted:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      log(f'  failed: {type(e).__name__}: {e}')
+      failed.extend(group)
+      continue
+    log(f'  done in {time.time() - start:.0f} s')
+  return failed
+
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list('experiments', None, 'Experiment names (files in experiments/) and group names: '
                   + ', '.join(GROUPS) + '.')
@@ -245,6 +276,8 @@ flags.DEFINE_enum('data', '', ['', 'tfds', 'digits', 'synthetic'],
                   "reproduction); 'synthetic': random images (benchmarks).")
 flags.DEFINE_bool('print_commands', False, 'Print the commands of the unfinished runs and exit.')
 flags.DEFINE_bool('in_process', False, 'Run in this process instead of a subprocess per run.')
+flags.DEFINE_bool('parallel_seeds', False, 'Train the seeds of each experiment together in this '
+                  'process (one step vmapped over the seeds); each seed keeps its own workdir.')
 
 
 def main(argv):
@@ -267,7 +300,7 @@ def main(argv):
     return
   from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top
   try:
-    failed = run_all(runs, in_process=FLAGS.in_process)
+    failed = run_all(runs, in_process=FLAGS.in_process, parallel_seeds=FLAGS.parallel_seeds)
   except loop.RunInterrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)

@@ -27,7 +27,7 @@ from etils import epath
 from resnet_jax import analysis
 from resnet_jax.kernels import host_memory
 from resnet_jax.training import build as build_lib
-from resnet_jax.training import checkpoints, metrics, parallel
+from resnet_jax.training import checkpoints, metrics, multistep, parallel
 from resnet_jax.training import workdir as workdir_lib
 from resnet_jax.training.state import TrainState
 
@@ -203,7 +203,7 @@ def _train_and_evaluate(config, workdir: str, source: Any, stop: _StopSignals,
                    f'{config.batch_size} on {jax.device_count()} {jax.devices()[0].device_kind} '
                    f'device(s); data: {source.name}' + (' (synthetic)' if source.synthetic else '')
                    + f'; kernels: {run.kernels}')
-  p_train, p_eval = run.train_step, run.eval_step
+  p_eval = run.eval_step
   train_fn, eval_fn = run.train_traces, run.eval_traces
 
   history = metrics.read_metrics(workdir) if lead else []
@@ -223,18 +223,23 @@ def _train_and_evaluate(config, workdir: str, source: Any, stop: _StopSignals,
     progress.message(f'step {step}: {summary}')
     return out
 
-  batches = parallel.device_prefetch(source.train_batches(start_step), batch_sharding)
+  # Chunks of steps_per_dispatch steps that end on every log/eval/checkpoint boundary.
+  # Several processes agree on a stop request every STOP_CHECK_EVERY_STEPS steps:
+  # chunks of several steps end there too.
+  chunks = multistep.dispatches(
+      run, start_step, num_steps,
+      extra_intervals=(STOP_CHECK_EVERY_STEPS,) if jax.process_count() > 1 else ())
   window_start, window_step = time.perf_counter(), start_step
   previous = None
   eval_results: dict[str, Any] = {}
   with ckpt:  # ckpt: any error waits for the save in flight
-    for step in range(start_step, num_steps):
-      state, step_metrics = p_train(state, next(batches))
+    for step, n, inputs in chunks:
+      state, step_metrics = multistep.train(run, state, inputs)
       ckpt.poll()  # a background save that failed is reported now, not a checkpoint later
       if previous is not None and not parallel.fetch(previous[1]['finite']):
         _raise_nonfinite(previous[0], previous[1])
-      previous = (step + 1, step_metrics)
-      done = step + 1
+      done = step + n
+      previous = (done, step_metrics)
       is_last = done == num_steps
       record = {}
       # Not on a signal: an extra record would make a resumed run's log differ.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                             opt_state=opt_state, warmup_active=warmup_active, metric_sums=sums)
   return new_state, {'loss': loss, 'error': error, 'grad_norm': grad_norm,
                      'learning_rate': lr, 'finite': finite}
+
+
+def train_steps(state: TrainState, batches, *, step_fn: Callable) -> tuple[TrainState, dict]:
+  """`step_fn` (a `train_step` with its options bound) over k batches stacked on a
+  leading axis, in one `lax.scan`: k SGD iterations in one dispatch.
+
+  Returns the last step's metrics, except 'finite', which is True only if every
+  step was finite (a non-finite step leaves the state unchanged, and the loop
+  stops the run at the end of the chunk, before any checkpoint past it). The
+  running sums in `state.metric_sums` restart at every multiple of log_every,
+  as they do step by step, so the loop's logged averages are the same.
+  """
+  state, metrics = jax.lax.scan(step_fn, state, batches)
+  last = jax.tree.map(lambda x: x[-1], metrics)
+  return state, {**last, 'finite': jnp.all(metrics['finite'])}
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module) -> dict[str, jax.Array]:
