@@ -148,28 +148,35 @@ def _logged_step(workdir):
 
 
 def _wait(procs, timeout=900):
-  outs = []
-  for p in procs:
-    try:
-      outs.append((p.wait(timeout=timeout), p.stdout.read()))
-    finally:
-      if p.poll() is None:
-        p.kill()
-  return outs
+  """(exit code, console) of each process; a hang fails the test rather than the suite.
+
+  On a timeout every process is killed (not only the one waited for), so that
+  no worker outlives the test, and the consoles so far are in the failure.
+  """
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(0.0, deadline - time.time()))
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    consoles = [p.communicate()[0][-3000:] for p in procs]
+    pytest.fail(f'Still running after {timeout} s (a hang or a stop request that was '
+                f'never acted on):\n' + '\n---\n'.join(consoles))
+  return [(p.returncode, p.stdout.read()) for p in procs]
 
 
-@pytest.mark.skip(reason='hangs: after a SIGTERM to one process the pair stops making progress '
-                  'before the agreed stop step (issue 12, not done; see the report)')
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_resumes_exactly(
     tmp_path):
   workdir = tmp_path / 'two'
   procs = _two_processes(tmp_path / 'unused.npz', workdir, [*_RUN, 'num_train_steps=100000'])
   deadline = time.time() + 900
   while _logged_step(workdir) < 2:  # handshake: both processes are past a step
-    assert all(p.poll() is None for p in procs) and time.time() < deadline, _wait(procs)
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, _wait(procs, 30)
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)  # the non-lead process: process 0 only learns of it
-  outs = _wait(procs)
+  # At most STOP_CHECK_EVERY_STEPS steps (about a second each here) and one save.
+  outs = _wait(procs, timeout=300)
   assert [code for code, _ in outs] == [128 + signal.SIGTERM] * 2, outs
   saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert len(saved) == 1, saved
@@ -178,15 +185,19 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_resumes
     assert f'after step {stop};' in console, console[-2000:]
   assert stop % 10 == 0
 
-  final = stop + 2  # resume both processes for two more steps; compare with one process
-  resumed = _two_processes(tmp_path / 'two.npz', workdir, [*_RUN, f'num_train_steps={final}'])
-  reference = _worker(tmp_path / 'one.npz', tmp_path / 'one', [*_RUN, f'num_train_steps={final}'], 1)
-  for code, console in _wait([*resumed, reference]):
+  # Resume both processes for two more steps, and compare with the same pair run
+  # without a stop. Not with one process: a 1-device and a 2x4-device run differ
+  # in the order of float reductions, which these batch-16 steps amplify to
+  # percents of the loss by step 10 (test_train compares the layouts over 4 steps).
+  final = stop + 2
+  resumed = _two_processes(tmp_path / 'resumed.npz', workdir, [*_RUN, f'num_train_steps={final}'])
+  reference = _two_processes(tmp_path / 'straight.npz', tmp_path / 'straight',
+                             [*_RUN, f'num_train_steps={final}'])
+  for code, console in _wait([*resumed, *reference]):
     assert code == 0, console[-4000:]
-  # The same run up to the order of float reductions (see test_train._assert_same_run).
-  a, b = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
-  assert len(a['losses']) == final
-  np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-4)
-  keys = [k for k in a.files if k.startswith('params/')]
-  diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in keys)
-  assert np.sqrt(diff / sum(float((a[k] ** 2).sum()) for k in keys)) < 1e-3
+  # Same layout, same reduction order: a resumed run is bit for bit the run
+  # that never stopped (losses, parameters, BN statistics, optimiser state).
+  a, b = np.load(tmp_path / 'straight.npz'), np.load(tmp_path / 'resumed.npz')
+  assert len(a['losses']) == final and set(a.files) == set(b.files)
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

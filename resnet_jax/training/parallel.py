@@ -40,6 +40,11 @@ def initialize_distributed(config) -> None:
     return
   if jax.distributed.is_initialized():
     return
+  # JAX's preemption service installs its own C++ SIGTERM handler, which replaces the
+  # loop's (Python's) handler: a SIGTERM would then never reach the loop, and the run
+  # would neither stop nor checkpoint. The loop agrees on stop requests itself
+  # (loop._StopSignals), so the service is switched off before it starts.
+  jax.config.update('jax_enable_preemption_service', False)
   kwargs = {}
   if explicit:
     kwargs = dict(coordinator_address=config.coordinator_address,
