@@ -107,6 +107,10 @@ def base() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.keep_checkpoints = 3
   c.keep_best_checkpoint = False
+  # Fine-tuning: start from trained weights instead of random ones
+  # (training/init_from.py): a WORKDIR, a CHECKPOINT_DIR or 'pretrained:NAME'.
+  # Read only when the workdir holds no checkpoint of the run itself.
+  c.init_from = ''
   # Train steps per compiled call (lax.scan); logging, evaluation and
   # checkpoints still fall on the same steps (training/multistep.py).
   c.steps_per_dispatch = 1

@@ -27,7 +27,7 @@ from etils import epath
 from resnet_jax import analysis
 from resnet_jax.kernels import host_memory
 from resnet_jax.training import build as build_lib
-from resnet_jax.training import checkpoints, metrics, multistep, parallel
+from resnet_jax.training import checkpoints, init_from, metrics, multistep, parallel
 from resnet_jax.training import workdir as workdir_lib
 from resnet_jax.training.state import TrainState
 
@@ -181,6 +181,12 @@ def _train_and_evaluate(config, workdir: str, source: Any, stop: _StopSignals,
 
   restored = ckpt.restore(state)
   state = state if restored is None else restored
+  # Fine-tuning (init_from.py): only a run with no checkpoint of its own starts from
+  # config.init_from's weights; a resumed one continues from its own, never reading it again.
+  if restored is None:
+    state, init_record, init_message = init_from.fresh_start(run, state, workdir, lead=lead)
+  else:
+    init_record, init_message = init_from.resumed(config, workdir)
   stop.check('after restoring')
   start_step = int(parallel.fetch(state.step))
   if start_step > num_steps:
@@ -196,6 +202,8 @@ def _train_and_evaluate(config, workdir: str, source: Any, stop: _StopSignals,
       metrics.truncate_metrics(workdir, start_step)
   elif lead:  # an earlier attempt that stopped before its first checkpoint: start its logs anew
     workdir_lib.set_aside_aborted_attempt(workdir)
+  if init_message:
+    progress.message(init_message)
   if lead:
     workdir_lib.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   writer = metrics.MetricWriter(workdir, enabled=lead)
@@ -294,6 +302,7 @@ def _train_and_evaluate(config, workdir: str, source: Any, stop: _StopSignals,
       'best_validation_error': best_val,
       'wall_time_seconds': time.time() - start_time,
       'resumed_from_step': start_step or None,
+      'init_from': init_record,
       'device_kind': devices[0].device_kind, 'device_count': len(devices),
       'process_count': jax.process_count(), 'platform': devices[0].platform,
       'kernels': run.kernels, 'host_memory': host_memory.status,
