@@ -18,7 +18,6 @@ for how the two networks correspond.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from typing import Any
@@ -48,14 +47,6 @@ def read_state_dict(path: str) -> dict[str, Any]:
   return obj
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def convert(torchvision_path: str, out: str, *, model: str | None = None,
             label_names_path: str | None = None) -> dict[str, Any]:
   """Converts one .pth into a checkpoint at `out`; returns the conversion (see from_torchvision)."""
@@ -73,7 +64,7 @@ def convert(torchvision_path: str, out: str, *, model: str | None = None,
   converted = tv.from_torchvision(model, state_dict, label_names=label_names)
   import torch  # pylint: disable=g-import-not-at-top
   source = {'format': 'torchvision', 'file': os.path.abspath(torchvision_path),
-            'sha256': _sha256(torchvision_path), 'torch_version': torch.__version__}
+            'sha256': loading.sha256_file(torchvision_path), 'torch_version': torch.__version__}
   loading.write_inference_checkpoint(
       out, converted['variables'], converted['model'], converted['model_kwargs'],
       {'normalize': converted['normalize_spec'], 'label_names': converted['label_names'],

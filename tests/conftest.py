@@ -1,7 +1,9 @@
 """Fixtures shared by several test modules."""
 
-import importlib.util
 import os
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 import pytest
 
@@ -9,13 +11,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def experiment_config(name: str, **overrides):
-  """`experiments/<name>.py`'s get_config() with `overrides` (as --config.KEY=VALUE would)."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  """`experiments/<name>.py`'s config (as the command line loads it) with `overrides`."""
+  from resnet_jax import configs  # pylint: disable=g-import-not-at-top
+  config = configs.load(name)
   config.update(overrides)
   return config
+
+
+def digits_config(settings: dict, **overrides):
+  """The digits ResNet-20 config with dotted-key `settings` and `overrides` applied."""
+  from resnet_jax import configs  # pylint: disable=g-import-not-at-top
+  c = configs.digits('cifar_resnet20')
+  for key, value in {**settings, **overrides}.items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def jax_cache(tmp_path_factory):
+  """A persistent compilation cache shared by this module's runs, in and out of process."""
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  saved = {n: getattr(jax.config, n) for n in names}
+  for name, value in zip(names, (path, 0.0, 0)):
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+  yield {n.upper(): str(v) for n, v in zip(names, (path, 0, 0))}
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope='session')

@@ -23,13 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from jax.experimental.compilation_cache import compilation_cache
 from orbax.checkpoint._src.path import atomicity
 
 import resnet_jax
 from resnet_jax.training import checkpoints
 from resnet_jax.weights import loading
-from resnet_jax import configs
+from conftest import digits_config  # pylint: disable=g-bad-import-order
 from resnet_jax import data
 from resnet_jax.training import metrics
 from resnet_jax.training import loop
@@ -46,31 +45,11 @@ SETTINGS = {'batch_size': 8, 'eval_batch_size': 40, 'log_every_steps': 1,
 
 
 def make_config(**overrides):
-  """The in-process twin of the config `Run(...)` gives the command line."""
-  c = configs.digits('cifar_resnet20')
-  for key, value in {**SETTINGS, **overrides}.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  """The in-process twin of the config the command-line runs of this module use."""
+  return digits_config(SETTINGS, **overrides)
 
 
-@pytest.fixture(scope='module')
-def jax_cache(tmp_path_factory):
-  """A persistent compilation cache shared by this module's runs, in and out of process."""
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  saved = {n: getattr(jax.config, n) for n in names}
-  for name, value in zip(names, (path, 0.0, 0)):
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield {n.upper(): str(v) for n, v in zip(names, (path, 0, 0))}
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+
 
 
 def cli_args(workdir, **overrides):

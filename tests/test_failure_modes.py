@@ -22,10 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from absl import flags
-from jax.experimental.compilation_cache import compilation_cache
 from orbax.checkpoint._src.path import atomicity
 
-from resnet_jax import configs, data
+from conftest import digits_config  # pylint: disable=g-bad-import-order
+from resnet_jax import data
 from resnet_jax.training import build as build_lib
 from resnet_jax.training import checkpoints, integrity, loop, metrics
 from resnet_jax.training import state as state_lib
@@ -42,30 +42,11 @@ DEADLINE = 600  # seconds: only against a hang, never an assertion
 
 
 def make_config(**overrides):
-  c = configs.digits('cifar_resnet20')
-  for key, value in {**SETTINGS, **overrides}.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  """The in-process twin of the config the command-line runs of this module use."""
+  return digits_config(SETTINGS, **overrides)
 
 
-@pytest.fixture(scope='module')
-def jax_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's runs, in and out of process."""
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  saved = {n: getattr(jax.config, n) for n in names}
-  for name, value in zip(names, (path, 0.0, 0)):
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield {n.upper(): str(v) for n, v in zip(names, (path, 0, 0))}
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+
 
 
 class Cli:

@@ -42,7 +42,7 @@ class CorruptCheckpointError(CheckpointError):
   """A checkpoint's files differ from what was saved: a checksum, a missing file, a non-finite value."""
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
@@ -64,7 +64,7 @@ def write_manifest(step_dir: str) -> None:
   rename). A checkpoint without one (older code, or a crash in between) is
   read unverified; its arrays are still checked for non-finite values.
   """
-  sums = {f: _sha256(os.path.join(step_dir, f)) for f in _files(step_dir)}
+  sums = {f: sha256_file(os.path.join(step_dir, f)) for f in _files(step_dir)}
   tmp = os.path.join(step_dir, f'{MANIFEST}.tmp-{os.getpid()}')
   with open(tmp, 'w') as f:
     json.dump(sums, f, indent=0, sort_keys=True)
@@ -90,7 +90,7 @@ def verify_manifest(step_dir: str) -> bool:
     file = os.path.join(step_dir, name)
     if not os.path.exists(file):
       raise CorruptCheckpointError(f'the file {name} is missing')
-    if _sha256(file) != expected:
+    if sha256_file(file) != expected:
       raise CorruptCheckpointError(f'the file {name} does not match its checksum (changed on disk '
                                    'after it was saved)')
   return True
