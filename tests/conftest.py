@@ -3,6 +3,7 @@
 import os
 
 import jax
+import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
 import pytest
@@ -59,3 +60,17 @@ def short_digits_run(tmp_path_factory):
   result = loop.train_and_evaluate(config, workdir)
   result.pop('state')
   return workdir, result
+
+
+class NanAt:
+  """A data source whose training batch at step index `step` is all NaN."""
+
+  def __init__(self, source, step):
+    self._source, self._step = source, step
+
+  def __getattr__(self, name):
+    return getattr(self._source, name)
+
+  def train_batches(self, start_step=0):
+    for step, batch in enumerate(self._source.train_batches(start_step), start_step):
+      yield {**batch, 'image': np.full_like(batch['image'], np.nan)} if step == self._step else batch

@@ -28,7 +28,7 @@ from orbax.checkpoint._src.path import atomicity
 import resnet_jax
 from resnet_jax.training import checkpoints
 from resnet_jax.weights import loading
-from conftest import digits_config  # pylint: disable=g-bad-import-order
+from conftest import NanAt, digits_config  # pylint: disable=g-bad-import-order
 from resnet_jax import data
 from resnet_jax.training import metrics
 from resnet_jax.training import loop
@@ -229,20 +229,6 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_is_bit_identical(broken_runs,
 
 # ----------------------------------------------------------------------------
 # Failures inside a run.
-
-
-class NanAt:
-  """A data source whose training batch at step index `step` is all NaN."""
-
-  def __init__(self, source, step):
-    self._source, self._step = source, step
-
-  def __getattr__(self, name):
-    return getattr(self._source, name)
-
-  def train_batches(self, start_step=0):
-    for step, batch in enumerate(self._source.train_batches(start_step), start_step):
-      yield {**batch, 'image': np.full_like(batch['image'], np.nan)} if step == self._step else batch
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, tmp_path):

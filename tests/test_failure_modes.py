@@ -24,7 +24,7 @@ import pytest
 from absl import flags
 from orbax.checkpoint._src.path import atomicity
 
-from conftest import digits_config  # pylint: disable=g-bad-import-order
+from conftest import NanAt, digits_config  # pylint: disable=g-bad-import-order
 from resnet_jax import data
 from resnet_jax.training import build as build_lib
 from resnet_jax.training import checkpoints, integrity, loop, metrics
@@ -270,20 +270,6 @@ def test_verdict_tells_damage_from_a_failed_read(error, expected):
 
 # ----------------------------------------------------------------------------
 # 4. A crash before the first checkpoint.
-
-
-class NanAt:
-  """A data source whose training batch at step index `step` is all NaN."""
-
-  def __init__(self, source, step):
-    self._source, self._step = source, step
-
-  def __getattr__(self, name):
-    return getattr(self._source, name)
-
-  def train_batches(self, start_step=0):
-    for step, batch in enumerate(self._source.train_batches(start_step), start_step):
-      yield {**batch, 'image': np.full_like(batch['image'], np.nan)} if step == self._step else batch
 
 
 def test_a_rerun_after_a_crash_before_the_first_checkpoint_logs_each_step_once(tmp_path,
