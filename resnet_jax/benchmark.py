@@ -25,6 +25,7 @@ from resnet_jax.kernels import host_memory
 
 host_memory.configure_for_cpu_commands()  # before JAX starts its threads
 
+import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import os
@@ -89,6 +90,10 @@ def peak_memory_bytes() -> dict[str, int | None]:
   return {'device_peak_bytes': stats.get('peak_bytes_in_use'), 'host_peak_rss_bytes': rss_kb * 1024}
 
 
+def _call_compiled(compiled, extra, state, batch):
+  return compiled(state, batch, *extra)
+
+
 class JaxSteps:
   """The compiled train and eval steps of a config, with a fixed random batch."""
 
@@ -120,9 +125,11 @@ class JaxSteps:
     for name, fn, batch in (('train', self._train, self.train_batch),
                             ('eval', self._eval, self.eval_batch)):
       start = time.perf_counter()
-      compiled = fn.lower(self.state, batch).compile()
+      # build.Run's train step binds its resident-data argument; compile the jitted function.
+      jitted, extra = getattr(fn, 'jitted', fn), getattr(fn, 'extra_args', ())
+      compiled = jitted.lower(self.state, batch, *extra).compile()
       out[f'{name}_compile_seconds'] = time.perf_counter() - start
-      setattr(self, f'_{name}_compiled', compiled)
+      setattr(self, f'_{name}_compiled', functools.partial(_call_compiled, compiled, extra))
     return out
 
   def train_step(self):

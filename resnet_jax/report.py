@@ -39,9 +39,9 @@ from resnet_jax.plots import figure_title, plot_layer_responses, plot_training_c
 from resnet_jax.runs import (DEMO_LABEL, Group, demonstration_label, find_run_dirs, group_labels,
                              group_runs)
 # Re-exported for notebooks and scripts that read runs through the report.
-from resnet_jax.runs import RunRecord, load_run  # pylint: disable=unused-import
+from resnet_jax.runs import RunRecord, collect_runs, load_run  # pylint: disable=unused-import
 
-__all__ = ['RunRecord', 'load_run', 'plot_layer_responses', 'plot_training_curves', 'write_report',
+__all__ = ['RunRecord', 'collect_runs', 'load_run', 'plot_layer_responses', 'plot_training_curves', 'write_report',
            'cifar_table', 'imagenet_table', 'runs_table', 'group_runs', 'demonstration_label']
 
 def _errors(values: np.ndarray) -> str:

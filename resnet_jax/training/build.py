@@ -111,7 +111,10 @@ class Run:
     sharding = self.input_sharding(*([0] * (stacked + seeds)))
     jitted = jax.jit(fn, in_shardings=(self.replicated, sharding, self.replicated),
                      out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-    return lambda state, inputs: jitted(state, inputs, arrays)
+    def call(state, inputs):
+      return jitted(state, inputs, arrays)
+    call.jitted, call.extra_args = jitted, (arrays,)  # for ahead-of-time compilation
+    return call
 
   @property
   def kernels(self) -> str:

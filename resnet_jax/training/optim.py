@@ -87,7 +87,8 @@ def check_config(config) -> None:
       ('weight_decay', config.weight_decay >= 0, '>= 0 (the paper: 1e-4)'),
       ('lr_decay_factor', 0 < config.lr_decay_factor <= 1, 'in (0, 1] (the paper: 0.1)'),
       ('warmup_steps', config.warmup_steps >= 0, '>= 0'),
-      ('warmup_until_train_error', 0 <= config.warmup_until_train_error < 1, 'in [0, 1)'),
+      ('warmup_until_train_error', config.warmup_until_train_error >= 0,
+       '>= 0 (a fraction: 0.8 ends the warm-up once a batch error is below 80%)'),
   )
   for key, ok, want in checks:
     if not ok:
