@@ -163,3 +163,9 @@ def test_old_workdir_refuses_a_changed_training_set(tmp_path):
   with pytest.raises(checkpoints.CheckpointMismatchError, match='digits_test_fraction'):
     loop.train_and_evaluate(configs.lock(config), str(workdir))
   assert os.listdir(workdir / 'checkpoints') == ['2']
+
+
+def test_readme_quotes_the_papers_numbers_from_paper_py():
+  from resnet_jax import paper  # pylint: disable=g-import-not-at-top
+  readme = (ROOT / 'README.md').read_text()
+  assert paper.markdown_tables() in readme
