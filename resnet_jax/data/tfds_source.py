@@ -111,7 +111,9 @@ def ensure_prepared(builder, *, manual_dir: str | None = None) -> None:
             f'  2. copy the original archive {", ".join(archives)} ({", ".join(urls)}) into '
             f'the manual dir {manual} (or set config.data.manual_dir) and run again: tfds '
             f'prepares it from there without network; or\n'
-            "  3. work offline with config.data.source='digits' (scikit-learn's bundled "
+            "  3. if you have the official CIFAR files (what torchvision and Keras download), "
+            "read them without tfds: config.data.source='files' and config.data.data_dir=DIR; "
+            "or work offline with config.data.source='digits' (scikit-learn's bundled "
             "digits) or 'synthetic'.\n"
             'config.data.data_dir sets the data directory ($TFDS_DATA_DIR by default).')
   _download_and_prepare(builder, data_dir, manual)
