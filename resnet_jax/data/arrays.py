@@ -184,15 +184,20 @@ class ArraySource(base.DataSource):
       images = crop_and_flip(images, self.pad, offsets[rows], flips[rows])
     return {'image': images, 'label': self.train_arrays[1][idx]}
 
+  def steps_and_permutations(self, start_step: int = 0):
+    """(step, its epoch's permutation) for steps start_step, start_step + 1, ...; each
+    permutation is drawn once per epoch."""
+    epoch, permutation = None, None
+    for step in itertools.count(start_step):
+      if step // self.steps_per_epoch != epoch:
+        epoch = step // self.steps_per_epoch
+        permutation = self.permutation(epoch)
+      yield step, permutation
+
   def train_batches(self, start_step: int = 0):
-    def batches():
-      epoch, permutation = None, None
-      for step in itertools.count(start_step):
-        if step // self.steps_per_epoch != epoch:
-          epoch = step // self.steps_per_epoch
-          permutation = self.permutation(epoch)
-        yield self.train_batch(step, permutation)
-    return base.prefetch(batches(), self._prefetch)
+    return base.prefetch((self.train_batch(step, permutation)
+                          for step, permutation in self.steps_and_permutations(start_step)),
+                         self._prefetch)
 
   def eval_arrays(self, role: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images and int32 labels of an evaluation split."""

@@ -22,7 +22,6 @@ Evaluation stays on the host path (padded and masked batches).
 
 from __future__ import annotations
 
-import itertools
 from typing import Iterator
 
 import jax
@@ -61,12 +60,7 @@ class DeviceInput:
 
   def train_params(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """`step_params` of steps start_step, start_step + 1, ... (infinite)."""
-    s = self.source
-    epoch, permutation = None, None
-    for step in itertools.count(start_step):
-      if step // s.steps_per_epoch != epoch:
-        epoch = step // s.steps_per_epoch
-        permutation = s.permutation(epoch)
+    for step, permutation in self.source.steps_and_permutations(start_step):
       yield self.step_params(step, permutation)
 
   def host_arrays(self) -> dict[str, np.ndarray]:
