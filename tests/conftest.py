@@ -1,12 +1,28 @@
 """Fixtures shared by several test modules."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import jax
-import numpy as np
-from jax.experimental.compilation_cache import compilation_cache
+# One persistent compilation cache for the whole session, set before jax is imported so
+# that every test, every subprocess a test starts (they inherit the environment) and every
+# pytest-xdist worker shares it: most tests compile the same small digits networks, and a
+# fresh directory per session keeps results from one session out of the next. Set
+# RESNET_JAX_TEST_JAX_CACHE to keep it somewhere else, or to '' to compile everything.
+if 'RESNET_JAX_TEST_JAX_CACHE' not in os.environ:
+  os.environ['RESNET_JAX_TEST_JAX_CACHE'] = tempfile.mkdtemp(prefix='resnet_jax_tests_jax_cache_')
+  atexit.register(shutil.rmtree, os.environ['RESNET_JAX_TEST_JAX_CACHE'], ignore_errors=True)
+JAX_CACHE_ENV = ({'JAX_COMPILATION_CACHE_DIR': os.environ['RESNET_JAX_TEST_JAX_CACHE'],
+                  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+                  'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+                 if os.environ['RESNET_JAX_TEST_JAX_CACHE'] else {})
+os.environ.update(JAX_CACHE_ENV)
 
-import pytest
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,20 +48,10 @@ def digits_config(settings: dict, **overrides):
   return c
 
 
-@pytest.fixture(scope='module')
-def jax_cache(tmp_path_factory):
-  """A persistent compilation cache shared by this module's runs, in and out of process."""
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  saved = {n: getattr(jax.config, n) for n in names}
-  for name, value in zip(names, (path, 0.0, 0)):
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield {n.upper(): str(v) for n, v in zip(names, (path, 0, 0))}
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+@pytest.fixture(scope='session')
+def jax_cache():
+  """The session's compilation cache settings, for the environment of a subprocess."""
+  return dict(JAX_CACHE_ENV)
 
 
 @pytest.fixture(scope='session')

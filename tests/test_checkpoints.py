@@ -34,6 +34,10 @@ from resnet_jax.training import metrics
 from resnet_jax.training import loop
 from resnet_jax.training import state as state_lib
 
+# Under pytest-xdist these tests run on one worker, which builds the module's
+# fixtures once.
+pytestmark = pytest.mark.xdist_group('checkpoints')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, 'experiments', 'digits_resnet20.py')
 STEPS = 10

@@ -32,6 +32,10 @@ from resnet_jax.training import state as state_lib
 from resnet_jax.training import workdir as workdir_lib
 from resnet_jax.weights import loading
 
+# Under pytest-xdist these tests run on one worker, which builds the module's
+# fixtures once.
+pytestmark = pytest.mark.xdist_group('failure_modes')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, 'experiments', 'digits_resnet20.py')
 SETTINGS = {'batch_size': 16, 'eval_batch_size': 40, 'log_every_steps': 1,

@@ -8,6 +8,10 @@ import nbclient
 import nbformat
 import pytest
 
+# Under pytest-xdist these tests run on one worker, which builds the module's
+# fixtures once.
+pytestmark = pytest.mark.xdist_group('notebooks')
+
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'notebooks')
 
 
@@ -54,6 +58,7 @@ def _text(nb):
   return '\n'.join(o.get('text', '') for o in _outputs(nb, 'stream'))
 
 
+@pytest.mark.slow
 def test_colab_notebook_trains_and_plots(tmp_path, kernel_name):
   nb = _execute('colab_train_cifar.ipynb', {
       'REPO_URL': 'unused: the package is installed', 'EXPERIMENT': 'cifar_resnet20',
@@ -68,6 +73,7 @@ def test_colab_notebook_trains_and_plots(tmp_path, kernel_name):
   assert 'DEMONSTRATION' in table[0].data['text/markdown']
 
 
+@pytest.mark.slow
 def test_functional_api_tour_runs(tmp_path, kernel_name):
   nb = _execute('functional_api_tour.ipynb', {
       'REPO_URL': 'unused: the package is installed', 'MODEL': 'cifar_resnet20',

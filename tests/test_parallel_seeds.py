@@ -21,6 +21,7 @@ def _losses(workdir):
   return [json.loads(l)['train_loss'] for l in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
+@pytest.mark.slow
 def test_two_seeds_together_are_each_seeds_own_run(tmp_path):
   runs = sweep.plan(['cifar_resnet20'], [0, 1], str(tmp_path / 'together'), data='digits',
                     settings=SETTINGS)

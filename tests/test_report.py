@@ -17,6 +17,10 @@ import pytest
 from resnet_jax import report
 from resnet_jax import sweep
 
+# Under pytest-xdist these tests run on one worker, which builds the module's
+# fixtures once.
+pytestmark = pytest.mark.xdist_group('report')
+
 _SETTINGS = ['num_train_steps=6', 'batch_size=16', 'eval_batch_size=360', 'eval_every_steps=3',
              'log_every_steps=2', 'checkpoint_every_steps=6', 'lr_boundaries_steps=()',
              'progress_bar=False']
@@ -34,9 +38,7 @@ def results(tmp_path_factory):
       *(f'runs += sweep.plan([{e!r}], {list(s)!r}, {str(root)!r}, data="digits", '
         f'settings={_SETTINGS!r})' for e, s in _RUNS.items()),
       'assert not sweep.run_all(runs, in_process=True)'])
-  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache'))}
-  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env,
-                       timeout=900)
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return root
 

@@ -183,6 +183,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   """1 device vs 8 simulated devices vs 2 processes x 4 devices: the same run."""
   port = _free_port()
