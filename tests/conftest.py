@@ -13,11 +13,10 @@ import tempfile
 if 'RESNET_JAX_TEST_JAX_CACHE' not in os.environ:
   os.environ['RESNET_JAX_TEST_JAX_CACHE'] = tempfile.mkdtemp(prefix='resnet_jax_tests_jax_cache_')
   atexit.register(shutil.rmtree, os.environ['RESNET_JAX_TEST_JAX_CACHE'], ignore_errors=True)
-JAX_CACHE_ENV = ({'JAX_COMPILATION_CACHE_DIR': os.environ['RESNET_JAX_TEST_JAX_CACHE'],
-                  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-                  'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
-                 if os.environ['RESNET_JAX_TEST_JAX_CACHE'] else {})
-os.environ.update(JAX_CACHE_ENV)
+if os.environ['RESNET_JAX_TEST_JAX_CACHE']:
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=os.environ['RESNET_JAX_TEST_JAX_CACHE'],
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -46,12 +45,6 @@ def digits_config(settings: dict, **overrides):
       node = node[p]
     node[leaf] = value
   return c
-
-
-@pytest.fixture(scope='session')
-def jax_cache():
-  """The session's compilation cache settings, for the environment of a subprocess."""
-  return dict(JAX_CACHE_ENV)
 
 
 @pytest.fixture(scope='session')

@@ -9,10 +9,6 @@ import resnet_jax
 from resnet_jax import analysis
 from resnet_jax import models
 
-# Under pytest-xdist these tests run on one worker, which builds the module's
-# fixtures once.
-pytestmark = pytest.mark.xdist_group('analysis')
-
 
 def _shapes(name, **kw):
   model = resnet_jax.create_model(name, **kw)

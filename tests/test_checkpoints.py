@@ -34,10 +34,6 @@ from resnet_jax.training import metrics
 from resnet_jax.training import loop
 from resnet_jax.training import state as state_lib
 
-# Under pytest-xdist these tests run on one worker, which builds the module's
-# fixtures once.
-pytestmark = pytest.mark.xdist_group('checkpoints')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, 'experiments', 'digits_resnet20.py')
 STEPS = 10
@@ -70,8 +66,8 @@ class Run:
   that step whatever the machine's speed.
   """
 
-  def __init__(self, workdir, jax_cache, *, devices=1, pause_after=None, **overrides):
-    env = dict(os.environ, **jax_cache, TF_CPP_MIN_LOG_LEVEL='2')
+  def __init__(self, workdir, *, devices=1, pause_after=None, **overrides):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')  # with the session's compilation cache
     if devices > 1:  # XLA_FLAGS are part of the cache key: left alone for 1 device
       env['XLA_FLAGS'] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     self.workdir = str(workdir)
@@ -154,12 +150,12 @@ def largest_file(directory):
 
 
 @pytest.fixture(scope='module')
-def first_runs(tmp_path_factory, jax_cache):
+def first_runs(tmp_path_factory):
   """An uninterrupted 10-step run, and a 6-step run on 8 devices, side by side."""
   runs = types.SimpleNamespace(reference=str(tmp_path_factory.mktemp('reference')),
                                eight=str(tmp_path_factory.mktemp('eight_devices')))
-  reference = Run(runs.reference, jax_cache)
-  eight = Run(runs.eight, jax_cache, devices=8, num_train_steps=6)
+  reference = Run(runs.reference)
+  eight = Run(runs.eight, devices=8, num_train_steps=6)
   runs.reference_status, runs.eight_status = reference.finish(), eight.finish()
   return runs
 
@@ -173,7 +169,7 @@ def reference(first_runs):
 
 
 @pytest.fixture(scope='module')
-def broken_runs(tmp_path_factory, jax_cache, reference):
+def broken_runs(tmp_path_factory, reference):
   """Runs stopped part-way and resumed by fresh processes (with a warm compilation cache).
 
   'split': 6 steps (a checkpoint step, mid-epoch), then the full 10.
@@ -183,8 +179,8 @@ def broken_runs(tmp_path_factory, jax_cache, reference):
   del reference
   runs = types.SimpleNamespace(split=str(tmp_path_factory.mktemp('split')),
                                interrupted=str(tmp_path_factory.mktemp('interrupted')))
-  split = Run(runs.split, jax_cache, num_train_steps=6)
-  interrupted = Run(runs.interrupted, jax_cache, pause_after=1, checkpoint_every_steps=100)
+  split = Run(runs.split, num_train_steps=6)
+  interrupted = Run(runs.interrupted, pause_after=1, checkpoint_every_steps=100)
   runs.signalled = interrupted.interrupt()
   runs.split_first, runs.interrupted_first = split.finish(), interrupted.finish()
   runs.split_steps = steps_on_disk(runs.split)
@@ -194,7 +190,7 @@ def broken_runs(tmp_path_factory, jax_cache, reference):
   runs.interrupted_logged = _max_logged_step(runs.interrupted)
   runs.interrupted_state_step = int(loading.load_state(runs.interrupted)['step'])
   # Only the length and the console change for the resumed 'split' run.
-  split, interrupted = Run(runs.split, jax_cache, progress_bar=True), Run(runs.interrupted, jax_cache)
+  split, interrupted = Run(runs.split, progress_bar=True), Run(runs.interrupted)
   runs.split_second, runs.interrupted_second = split.finish(), interrupted.finish()
   return runs
 

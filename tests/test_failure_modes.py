@@ -32,10 +32,6 @@ from resnet_jax.training import state as state_lib
 from resnet_jax.training import workdir as workdir_lib
 from resnet_jax.weights import loading
 
-# Under pytest-xdist these tests run on one worker, which builds the module's
-# fixtures once.
-pytestmark = pytest.mark.xdist_group('failure_modes')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(ROOT, 'experiments', 'digits_resnet20.py')
 SETTINGS = {'batch_size': 16, 'eval_batch_size': 40, 'log_every_steps': 1,
@@ -56,14 +52,14 @@ def make_config(**overrides):
 class Cli:
   """`python -m resnet_jax.main` in its own process; `finish()` -> (exit status, console)."""
 
-  def __init__(self, workdir, env, *args, **overrides):
+  def __init__(self, workdir, *args, **overrides):
     settings = {**SETTINGS, **overrides}
     argv = [sys.executable, '-m', 'resnet_jax.main', f'--workdir={workdir}', *args]
     if not any(a.startswith('--config=') for a in args):
       argv += [f'--config={EXPERIMENT}'] + [f'--config.{k}={v}' for k, v in settings.items()]
     self._console = tempfile.TemporaryFile('w+')  # pylint: disable=consider-using-with
     self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._console, stderr=subprocess.STDOUT,  # pylint: disable=consider-using-with
-                                 text=True, env=dict(os.environ, **env, TF_CPP_MIN_LOG_LEVEL='3'))
+                                 text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
 
   def output(self):
     self._console.seek(0)
@@ -113,15 +109,15 @@ def copy_run(workdir, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory, jax_cache):
+def finished(tmp_path_factory):
   """A 30-step run that a second run tried to share while it was at step 10 (and stopped)."""
   workdir = str(tmp_path_factory.mktemp('finished'))
-  first = Cli(workdir, jax_cache)
+  first = Cli(workdir)
   reached = first.wait_for(lambda: os.path.isdir(os.path.join(workdir, 'checkpoints', '10')))
   if reached:
     first.proc.send_signal(signal.SIGSTOP)  # holds the lock, still, while the second one tries
   try:
-    second = Cli(workdir, jax_cache).finish()
+    second = Cli(workdir).finish()
   finally:
     first.proc.send_signal(signal.SIGCONT)
   return {'workdir': workdir, 'reached': reached, 'pid': first.proc.pid, 'second': second,
@@ -160,11 +156,10 @@ def test_a_lock_left_by_a_process_that_ended_is_taken_over(tmp_path):
     ({'data.digits_test_fraction': 0.5},
      'data.digits_test_fraction: checkpoint has 0.2, config has 0.5'),
 ])
-def test_a_finished_workdir_refuses_what_it_cannot_continue(finished, tmp_path, jax_cache,
-                                                            change, message):
+def test_a_finished_workdir_refuses_what_it_cannot_continue(finished, tmp_path, change, message):
   workdir = copy_run(finished['workdir'], tmp_path)
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints'))), logged_steps(workdir)
-  code, output = Cli(workdir, jax_cache, **change).finish()
+  code, output = Cli(workdir, **change).finish()
   assert code == 2, output[-3000:]
   errors = [l for l in console_lines(output) if l.startswith('error: ')]
   assert errors and message in '\n'.join(console_lines(output))
@@ -175,7 +170,7 @@ def test_a_finished_workdir_refuses_what_it_cannot_continue(finished, tmp_path, 
 # 2. Flipped bytes.
 
 
-def test_flipped_bytes_are_refused_on_load_and_skipped_on_resume(finished, tmp_path, jax_cache):
+def test_flipped_bytes_are_refused_on_load_and_skipped_on_resume(finished, tmp_path):
   workdir = copy_run(finished['workdir'], tmp_path)
   newest = os.path.join(workdir, 'checkpoints', '30')
   target = largest_file(os.path.join(newest, 'state'))
@@ -188,7 +183,7 @@ def test_flipped_bytes_are_refused_on_load_and_skipped_on_resume(finished, tmp_p
   with pytest.raises(loading.CorruptCheckpointError, match='does not match its checksum'):
     loading.load_variables(newest)
 
-  code, output = Cli(workdir, jax_cache).finish()
+  code, output = Cli(workdir).finish()
   assert code == 0, output[-3000:]
   assert f'Skipping the checkpoint {newest}' in output  # the warning, on the console
   assert 'Traceback' not in output
@@ -276,9 +271,7 @@ def test_verdict_tells_damage_from_a_failed_read(error, expected):
 # 4. A crash before the first checkpoint.
 
 
-def test_a_rerun_after_a_crash_before_the_first_checkpoint_logs_each_step_once(tmp_path,
-                                                                               jax_cache):
-  del jax_cache
+def test_a_rerun_after_a_crash_before_the_first_checkpoint_logs_each_step_once(tmp_path):
   config = make_config(num_train_steps=5, batch_size=8)
   source = NanAt(data.create_data_source(config), step=3)
   with pytest.raises(loop.NonFiniteError):
@@ -317,7 +310,7 @@ def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path, args, names):
   bad = tmp_path / 'bad_config.py'
   bad.write_text('def get_config(:\n')
   args = [a.format(syntax_error=bad) for a in args]
-  code, output = Cli(str(tmp_path / 'run'), {}, *args).finish()
+  code, output = Cli(str(tmp_path / 'run'), *args).finish()
   assert code == 2, output[-3000:]
   lines = console_lines(output)
   assert len(lines) <= 5 and lines[-1].startswith('error: ') and names in lines[-1], output
@@ -325,8 +318,7 @@ def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path, args, names):
 
 
 def test_a_full_disk_at_start_up_is_one_line_and_leaves_no_empty_config(tmp_path, monkeypatch,
-                                                                        capsys, jax_cache):
-  del jax_cache
+                                                                        capsys):
   from resnet_jax import main  # pylint: disable=g-import-not-at-top
 
   class FullDisk:
@@ -373,8 +365,8 @@ def test_a_failed_background_save_is_reported_at_the_next_step(tmp_path, monkeyp
 # 6. Ctrl-C during start-up.
 
 
-def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path, jax_cache):
-  run = Cli(str(tmp_path), jax_cache, progress_bar=True)
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(tmp_path):
+  run = Cli(str(tmp_path), progress_bar=True)
   started = run.wait_for(lambda: 'parameters;' in run.output())  # printed before the first step
   run.proc.send_signal(signal.SIGINT)
   code, output = run.finish()

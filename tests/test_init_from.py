@@ -21,10 +21,6 @@ from resnet_jax.training import init_from, loop
 from resnet_jax.weights import loading, shipped
 from conftest import experiment_config  # pylint: disable=g-bad-import-order
 
-# Under pytest-xdist, the tests that use the session's `short_digits_run` share
-# one worker, which trains it once.
-pytestmark = pytest.mark.xdist_group('short_digits_run')
-
 
 def _config(**overrides):
   config = experiment_config('digits_resnet20', **{

@@ -8,10 +8,6 @@ import nbclient
 import nbformat
 import pytest
 
-# Under pytest-xdist these tests run on one worker, which builds the module's
-# fixtures once.
-pytestmark = pytest.mark.xdist_group('notebooks')
-
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'notebooks')
 
 

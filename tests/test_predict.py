@@ -20,10 +20,6 @@ from resnet_jax.weights import torchvision as tv
 
 from conftest import experiment_config  # pylint: disable=g-bad-import-order
 
-# Under pytest-xdist, the tests that use the session's `short_digits_run` share
-# one worker, which trains it once.
-pytestmark = pytest.mark.xdist_group('short_digits_run')
-
 _LINE = re.compile(r'^  +(\d+\.\d\d)%  (.+)$')
 
 

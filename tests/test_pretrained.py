@@ -17,10 +17,6 @@ from resnet_jax.weights import shipped
 
 from conftest import ROOT, experiment_config  # pylint: disable=g-bad-import-order
 
-# Under pytest-xdist, the tests that use the session's `short_digits_run` share
-# one worker, which trains it once.
-pytestmark = pytest.mark.xdist_group('short_digits_run')
-
 
 @pytest.fixture(scope='module')
 def exported(short_digits_run, tmp_path_factory):

@@ -17,10 +17,6 @@ import pytest
 from resnet_jax import report
 from resnet_jax import sweep
 
-# Under pytest-xdist these tests run on one worker, which builds the module's
-# fixtures once.
-pytestmark = pytest.mark.xdist_group('report')
-
 _SETTINGS = ['num_train_steps=6', 'batch_size=16', 'eval_batch_size=360', 'eval_every_steps=3',
              'log_every_steps=2', 'checkpoint_every_steps=6', 'lr_boundaries_steps=()',
              'progress_bar=False']

@@ -17,10 +17,6 @@ from resnet_jax import convert
 from resnet_jax.weights import from_torchvision, infer_model
 from resnet_jax.weights import torchvision as tv
 
-# Under pytest-xdist these tests run on one worker, which builds the module's
-# fixtures once.
-pytestmark = pytest.mark.xdist_group('torchvision')
-
 torch = pytest.importorskip('torch')
 
 
