@@ -1,5 +1,5 @@
 """Any device count, several hosts: the mesh, the public command line on 8
-devices, and a stop request that reaches one host of two."""
+devices, and a stop request or a damaged checkpoint that reaches one host of two."""
 
 import json
 import os
@@ -128,16 +128,16 @@ _RUN = ['batch_size=16', 'eval_batch_size=200', 'eval_every_steps=1000', 'log_ev
         'checkpoint_every_steps=1000', 'learning_rate=0.01']
 
 
-def _worker(out, workdir, args, devices, **distributed):
+def _worker(out, workdir, args, devices, env=(), **distributed):
   extra = [f'{k}={v!r}' for k, v in distributed.items()]
   return subprocess.Popen([sys.executable, WORKER, str(out), str(workdir), *args, *extra],
-                          env=_env(devices), cwd=ROOT, stdout=subprocess.PIPE,
+                          env={**_env(devices), **dict(env)}, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _two_processes(out, workdir, args):
+def _two_processes(out, workdir, args, envs=((), ())):
   port = _free_port()
-  return [_worker(out, workdir, args, 1, distributed='yes',
+  return [_worker(out, workdir, args, 1, env=envs[i], distributed='yes',
                   coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=i)
           for i in range(2)]
 
@@ -210,3 +210,50 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_resumes
   assert len(a['losses']) == final and set(a.files) == set(b.files)
   for k in a.files:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sigterm_to_one_of_two_processes_during_start_up_stops_both_writing_nothing(tmp_path):
+  workdir = tmp_path / 'two'
+  # Process 1 signals itself right after building the run (its data, mesh and step
+  # functions), before any state exists; process 0 only learns of it from process 1.
+  procs = _two_processes(tmp_path / 'unused.npz', workdir, [*_RUN, 'num_train_steps=100'],
+                         envs=((), {'RUN_WORKER_SIGTERM_AFTER_BUILD': '1'}))
+  (code0, console0), (code1, console1) = _wait(procs, timeout=300)
+  assert (code0, code1) == (128 + signal.SIGTERM,) * 2, (console0[-3000:], console1[-3000:])
+  for console in (console0, console1):
+    assert 'during start-up (after building the run)' in console, console[-3000:]
+  assert 'SIGTERM (sent to another process of the run)' in console0, console0[-3000:]
+  assert 'another process' not in console1, console1[-3000:]
+  assert not (workdir / 'checkpoints').exists() and not (workdir / 'metrics.jsonl').exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_damaged_as_one_process_reads_it_is_skipped_by_both(tmp_path):
+  workdir = tmp_path / 'two'
+  args = [*_RUN, 'checkpoint_every_steps=2']
+  outs = _wait(_two_processes(tmp_path / 'first.npz', workdir, [*args, 'num_train_steps=4']))
+  assert [code for code, _ in outs] == [0, 0], '\n---\n'.join(c[-4000:] for _, c in outs)
+  # Flip bytes in a state file of the newest checkpoint, not in its meta: only process 0
+  # checks the checksums, so process 1 alone would read step 4 and restore it.
+  largest = max((p for p in (workdir / 'checkpoints' / '4' / 'state').rglob('*') if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+  largest.write_bytes(bytes(data))
+
+  outs = _wait(_two_processes(tmp_path / 'resumed.npz', workdir, [*args, 'num_train_steps=6']),
+               timeout=600)
+  assert [code for code, _ in outs] == [0, 0], '\n---\n'.join(c[-4000:] for _, c in outs)
+  skipped = f'Skipping the checkpoint {workdir}/checkpoints/4, which cannot be restored'
+  for _, console in outs:
+    assert skipped in console, console[-4000:]
+  assert 'does not match its checksum' in outs[0][1], outs[0][1][-4000:]  # what process 0 read
+  assert 'damaged as read by another process' in outs[1][1], outs[1][1][-4000:]
+  assert 'Moved the damaged checkpoint' in outs[0][1], outs[0][1][-4000:]
+  names = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
+  assert [n for n in names if n.isdigit()] == ['2', '4', '6'], names  # 4 and 6 written again
+  assert len([n for n in names if n.startswith('4.damaged-')]) == 1, names
+  logged = [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert logged == [1, 2, 3, 4, 5, 6], logged  # resumed after step 2, each step logged once
+  assert json.loads((workdir / 'result.json').read_text())['resumed_from_step'] == 2

@@ -269,7 +269,11 @@ class Checkpointer:
     # a step counts as damaged or unreadable if it is so on any process (`_judged`).
     newest = parallel.min_over_processes(steps[0] if steps else -1)
     for step in [s for s in steps if s <= newest]:
-      meta, error = self._judged(step, lambda s=step: self._verified_meta(s))
+      # Each read is judged (and agreed on) before the next: orbax's reads are collectives
+      # (a barrier at their end), which a process must not skip because only it saw damage.
+      _, error = self._judged(step, lambda s=step: self._verify_files(s))
+      if error is None:
+        meta, error = self._judged(step, lambda s=step: self._read_meta(s))
       if error is not None:
         failures.append(self._skip(step, error))
         continue
@@ -311,11 +315,10 @@ class Checkpointer:
       return None, error if error is not None else 'damaged as read by another process'
     return value, None
 
-  def _verified_meta(self, step: int) -> dict[str, Any]:
-    """The meta of a checkpoint whose files match their checksums (checked by process 0)."""
+  def _verify_files(self, step: int) -> None:
+    """Checks the checkpoint's files against their checksums (on process 0 only: no collective)."""
     if self._lead:
       loading.verify_manifest(self.path(step))
-    return self._read_meta(step)
 
   def _restore_state(self, step: int, abstract: Any) -> Any:
     state = self.manager.restore(step, args=ocp.args.Composite(

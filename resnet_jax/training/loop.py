@@ -39,8 +39,9 @@ class NonFiniteError(FloatingPointError):
 class RunInterrupted(Exception):
   """SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written (if one finished)."""
 
-  def __init__(self, signum: int, step: int, *, during: str = ''):
-    name = signal.Signals(signum).name
+  def __init__(self, signum: int, step: int, *, during: str = '', elsewhere: bool = False):
+    name = signal.Signals(signum).name + (' (sent to another process of the run)' if elsewhere
+                                          else '')
     super().__init__(
         f'Interrupted by {name} during start-up ({during}); no step was trained, nothing new was '
         'written. Run the same command again to start.' if during else
@@ -109,9 +110,15 @@ class _StopSignals:
     self._previous = {}
 
   def check(self, during: str, step: int = 0) -> None:
-    """Start-up's safe points: raises RunInterrupted if a signal has arrived."""
-    if self.signum:
-      raise RunInterrupted(self.signum, step, during=during)
+    """Start-up's safe points: raises RunInterrupted if a signal has reached any process.
+
+    Multi-host, this is a collective that every process reaches at the same
+    point of start-up, so that a signal to one host stops all of them there
+    (rather than leaving the others waiting for it in their next collective).
+    """
+    signum = parallel.max_over_processes(self.signum or 0)
+    if signum:
+      raise RunInterrupted(signum, step, during=during, elsewhere=not self.signum)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # signals only work there
@@ -282,7 +289,7 @@ def _train_and_evaluate(config, workdir: str, source: Any, stop: _StopSignals,
         ckpt.close()
         writer.close()
         progress.close()
-        raise RunInterrupted(stop_signum, done)
+        raise RunInterrupted(stop_signum, done, elsewhere=not stop.signum)
   progress.close()
   if start_step >= num_steps:  # resumed a finished run: evaluate again for the result
     eval_results = run_evals(num_steps)
