@@ -125,7 +125,8 @@ def find(data_dir, dataset: str) -> _Reader:
   for layout in _LAYOUTS[dataset]:
     if root.name == layout.folder and root.is_dir():  # DIR is the folder itself
       return _Reader(root.parent, layout, archive=False)
-    for archive in (False, True):
+  for archive in (False, True):  # an extracted folder (faster to read) before any archive
+    for layout in _LAYOUTS[dataset]:
       candidate = root / (layout.archive if archive else layout.folder)
       looked.append(str(candidate))
       if candidate.exists():

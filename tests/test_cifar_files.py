@@ -1,0 +1,396 @@
+"""CIFAR-10/100 from the official files (`config.data.source='files'`).
+
+Every official form (python pickles, binary records, either as a folder or
+as the .tar.gz), read back image for image in the official order, and each
+kind of bad file refused with an error that names the file and the fix. The
+in-process tests write small files (a few images per batch, with the
+official sizes patched down to match); the command-line tests write files of
+the official sizes, and check that nothing reaches the workdir on bad input.
+"""
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from resnet_jax import configs
+from resnet_jax.data import base, cifar_files
+from resnet_jax.data.base import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+                 'truck']
+_TRAIN_FILES = [f'data_batch_{i}' for i in range(1, 6)]
+
+
+def _dataset(per_train_file, test, num_classes, seed=0):
+  """Images and labels whose every pixel differs from image to image (order is checked)."""
+  rng = np.random.default_rng(seed)
+  n = 5 * per_train_file
+  train = (rng.integers(0, 256, (n, 32, 32, 3), np.uint8), rng.integers(0, num_classes, n))
+  tests = (rng.integers(0, 256, (test, 32, 32, 3), np.uint8), rng.integers(0, num_classes, test))
+  return {'train': train, 'test': tests}
+
+
+def _rows(images):
+  """uint8 [N, 32, 32, 3] -> the official rows: 1024 red, 1024 green, 1024 blue bytes."""
+  return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), -1))
+
+
+def _pickle(obj):
+  return pickle.dumps(obj, protocol=2)
+
+
+def _cifar10_files(data, kind):
+  """{name: bytes} of the official CIFAR-10 folder of `kind` ('pickle' or 'binary')."""
+  train_images, train_labels = data['train']
+  per_file = len(train_images) // 5
+  batches = [(f'data_batch_{i + 1}', train_images[i * per_file:(i + 1) * per_file],
+              train_labels[i * per_file:(i + 1) * per_file]) for i in range(5)]
+  batches.append(('test_batch', *data['test']))
+  files = {}
+  for name, images, labels in batches:
+    if kind == 'pickle':
+      files[name] = _pickle({b'batch_label': name.encode(), b'labels': [int(l) for l in labels],
+                             b'data': _rows(images),
+                             b'filenames': [b'%d.png' % i for i in range(len(images))]})
+    else:
+      files[f'{name}.bin'] = np.concatenate(
+          [labels.astype(np.uint8)[:, None], _rows(images)], axis=1).tobytes()
+  if kind == 'pickle':
+    files['batches.meta'] = _pickle({b'label_names': [n.encode() for n in CIFAR10_NAMES],
+                                     b'num_cases_per_batch': per_file, b'num_vis': 3072})
+  else:
+    files['batches.meta.txt'] = ('\n'.join(CIFAR10_NAMES) + '\n').encode()
+  return files
+
+
+def _cifar100_files(data, kind):
+  files = {}
+  for split in ('train', 'test'):
+    images, fine = data[split]
+    coarse = fine // 5
+    if kind == 'pickle':
+      files[split] = _pickle({b'filenames': [b'x.png'] * len(images), b'fine_labels': list(fine),
+                              b'coarse_labels': list(coarse), b'data': _rows(images)})
+    else:
+      files[f'{split}.bin'] = np.concatenate(
+          [coarse.astype(np.uint8)[:, None], fine.astype(np.uint8)[:, None], _rows(images)],
+          axis=1).tobytes()
+  names = [f'class{i}' for i in range(100)]
+  if kind == 'pickle':
+    files['meta'] = _pickle({b'fine_label_names': [n.encode() for n in names],
+                             b'coarse_label_names': [b'c%d' % i for i in range(20)]})
+  else:
+    files['fine_label_names.txt'] = ('\n'.join(names) + '\n').encode()
+  return files
+
+
+FORMS = {  # form: (dataset, folder inside the archive or DIR, archive name or None, kind)
+    'cifar-10-batches-py': ('cifar10', 'cifar-10-batches-py', None, 'pickle'),
+    'cifar-10-batches-bin': ('cifar10', 'cifar-10-batches-bin', None, 'binary'),
+    'cifar-10-python.tar.gz': ('cifar10', 'cifar-10-batches-py', 'cifar-10-python.tar.gz', 'pickle'),
+    'cifar-10-binary.tar.gz': ('cifar10', 'cifar-10-batches-bin', 'cifar-10-binary.tar.gz',
+                               'binary'),
+    'cifar-100-python': ('cifar100', 'cifar-100-python', None, 'pickle'),
+    'cifar-100-binary.tar.gz': ('cifar100', 'cifar-100-binary', 'cifar-100-binary.tar.gz',
+                                'binary'),
+}
+
+
+def write_form(root, form, data):
+  """Writes `data` as the official `form` under `root`; returns the written folder or archive."""
+  dataset, folder, archive, kind = FORMS[form]
+  files = (_cifar10_files if dataset == 'cifar10' else _cifar100_files)(data, kind)
+  os.makedirs(root, exist_ok=True)
+  if archive is None:
+    os.makedirs(os.path.join(root, folder))
+    for name, payload in files.items():
+      with open(os.path.join(root, folder, name), 'wb') as f:
+        f.write(payload)
+    return os.path.join(root, folder)
+  with tarfile.open(os.path.join(root, archive), 'w:gz', compresslevel=1) as tar:
+    for name, payload in files.items():
+      info = tarfile.TarInfo(f'{folder}/{name}')
+      info.size = len(payload)
+      tar.addfile(info, io.BytesIO(payload))
+  return os.path.join(root, archive)
+
+
+@pytest.fixture
+def small(monkeypatch):
+  """Official sizes patched down: 4 images per training batch file, 6 test images."""
+  monkeypatch.setattr(cifar_files, '_SIZES', {'cifar10': {'train': 20, 'test': 6},
+                                              'cifar100': {'train': 20, 'test': 6}})
+  return {'cifar10': _dataset(4, 6, 10), 'cifar100': _dataset(4, 6, 100, seed=1)}
+
+
+# ----------------------------------------------------------------------------
+# Every official form, image for image.
+
+
+@pytest.mark.parametrize('form', sorted(FORMS))
+def test_every_official_form_reads_the_images_labels_and_names_in_the_official_order(
+    tmp_path, small, form):
+  dataset = FORMS[form][0]
+  written = small[dataset]
+  write_form(tmp_path, form, written)
+  splits, label_names, where = cifar_files.load(str(tmp_path), dataset)
+  assert where == os.path.join(str(tmp_path), form)
+  for split in ('train', 'test'):
+    images, labels = splits[split]
+    assert images.dtype == np.uint8 and images.shape == written[split][0].shape
+    np.testing.assert_array_equal(images, written[split][0], err_msg=split)
+    np.testing.assert_array_equal(labels, written[split][1], err_msg=split)
+  assert label_names == tuple(CIFAR10_NAMES if dataset == 'cifar10'
+                              else [f'class{i}' for i in range(100)])
+
+
+def test_data_dir_may_be_the_folder_itself_and_folders_come_before_archives(tmp_path, small):
+  folder = write_form(tmp_path, 'cifar-10-batches-bin', small['cifar10'])
+  other = _dataset(4, 6, 10, seed=7)
+  write_form(tmp_path, 'cifar-10-python.tar.gz', other)
+  splits, _, where = cifar_files.load(folder, 'cifar10')
+  assert where == folder
+  np.testing.assert_array_equal(splits['test'][0], small['cifar10']['test'][0])
+  _, _, where = cifar_files.load(str(tmp_path), 'cifar10')  # the folder, not the archive
+  assert where == folder
+
+
+def test_split_strings_select_as_tfds_does_in_the_files_order(tmp_path, small):
+  write_form(tmp_path, 'cifar-10-batches-py', small['cifar10'])
+  config = configs.cifar('cifar_resnet20')
+  config.data.source, config.data.data_dir = 'files', str(tmp_path)
+  config.data.train_split, config.data.val_split = 'train[:15]', 'train[15:]'
+  config.data.test_split = 'test[:50%]'
+  config.batch_size, config.eval_batch_size = 4, 4
+  from resnet_jax import data  # pylint: disable=g-import-not-at-top
+  source = data.create_data_source(config)
+  images, labels = small['cifar10']['train']
+  assert source.eval_splits['validation'] == ('train[15:]', 5)
+  assert source.eval_splits['test'] == ('test[:50%]', 3)
+  splits, _, _ = cifar_files.load(str(tmp_path), 'cifar10')
+  for split, (want_images, want_labels) in {'train[:15]': (images[:15], labels[:15]),
+                                            'train[15:]': (images[15:], labels[15:]),
+                                            'test[:50%]': tuple(x[:3] for x in
+                                                                small['cifar10']['test'])}.items():
+    got_images, got_labels = base.resolve_split(split, splits, 'split')
+    np.testing.assert_array_equal(got_images, want_images, err_msg=split)
+    np.testing.assert_array_equal(got_labels, want_labels, err_msg=split)
+  # The statistics cache sits beside the data, not in a workdir.
+  assert os.listdir(tmp_path / 'resnet_jax_stats')
+
+
+# ----------------------------------------------------------------------------
+# Bad files: each refused, naming the file and the fix.
+
+
+def _truncate(path, keep):
+  with open(path, 'rb') as f:
+    payload = f.read()
+  with open(path, 'wb') as f:
+    f.write(payload[:keep])
+
+
+def test_missing_files_list_what_was_looked_for_and_three_ways_to_get_them(tmp_path):
+  with pytest.raises(DataError) as e:
+    cifar_files.load(str(tmp_path), 'cifar10')
+  message = str(e.value)
+  for form in ('cifar-10-batches-py', 'cifar-10-python.tar.gz', 'cifar-10-batches-bin',
+               'cifar-10-binary.tar.gz'):
+    assert os.path.join(str(tmp_path), form) in message
+  assert 'Three ways to get them' in message and 'cifar.html' in message
+  assert 'torchvision' in message and "source='tfds'" in message
+
+
+def test_a_missing_batch_file_is_named(tmp_path, small):
+  folder = write_form(tmp_path, 'cifar-10-batches-py', small['cifar10'])
+  os.remove(os.path.join(folder, 'data_batch_3'))
+  with pytest.raises(DataError, match=r'data_batch_3 is missing.*Copy the complete folder'):
+    cifar_files.load(str(tmp_path), 'cifar10')
+
+
+@pytest.mark.parametrize('form,name,keep,expected', [
+    ('cifar-10-batches-bin', 'data_batch_2.bin', 3073 * 4 - 100,
+     r'data_batch_2\.bin has 12,192 bytes; the official file holds 4 records of 3073 bytes '
+     r'\(12,292 bytes\), so it is truncated'),
+    ('cifar-10-batches-py', 'data_batch_2', 5000,
+     r'data_batch_2 is not a CIFAR python pickle .* It may be truncated'),
+])
+def test_a_truncated_file_is_named_with_its_size(tmp_path, small, form, name, keep, expected):
+  folder = write_form(tmp_path, form, small['cifar10'])
+  _truncate(os.path.join(folder, name), keep)
+  with pytest.raises(DataError, match=expected):
+    cifar_files.load(str(tmp_path), 'cifar10')
+
+
+def test_a_pickle_with_fewer_images_than_the_official_file_is_refused(tmp_path, small):
+  folder = write_form(tmp_path, 'cifar-10-batches-py', small['cifar10'])
+  with open(os.path.join(folder, 'test_batch'), 'wb') as f:
+    f.write(_pickle({b'labels': [1, 2], b'data': np.zeros((2, 3072), np.uint8)}))
+  with pytest.raises(DataError, match=r'test_batch holds 2 images; the official file holds 6'):
+    cifar_files.load(str(tmp_path), 'cifar10')
+
+
+def test_a_truncated_archive_is_refused(tmp_path, small):
+  archive = write_form(tmp_path, 'cifar-10-binary.tar.gz', small['cifar10'])
+  _truncate(archive, os.path.getsize(archive) // 2)
+  with pytest.raises(DataError, match=r'cifar-10-binary\.tar\.gz is not a readable \.tar\.gz.*'
+                                      r'truncated\. Download it again'):
+    cifar_files.load(str(tmp_path), 'cifar10')
+
+
+def test_an_archive_without_the_official_files_is_refused(tmp_path):
+  with tarfile.open(tmp_path / 'cifar-10-python.tar.gz', 'w:gz') as tar:
+    info = tarfile.TarInfo('cifar-10-batches-py/readme.html')
+    tar.addfile(info, io.BytesIO(b''))
+  with pytest.raises(DataError, match=r'has no cifar-10-batches-py/data_batch_1; it is not the '
+                                      r'official archive'):
+    cifar_files.load(str(tmp_path), 'cifar10')
+
+
+class _Payload:
+  """Unpickling this would run a command (a pickle can call any function)."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.parametrize('kind', ['list', 'code', 'keys', 'dtype'])
+def test_a_pickle_of_another_kind_is_refused_and_never_run(tmp_path, small, kind):
+  folder = write_form(tmp_path, 'cifar-10-batches-py', small['cifar10'])
+  marker = tmp_path / 'ran'
+  payload, expected = {
+      'list': ([1, 2, 3], r'data_batch_1 holds a list, not the dict of a CIFAR batch'),
+      'code': ({b'data': _Payload(marker)}, r'data_batch_1 is not a CIFAR python pickle '
+                                            r'\(UnpicklingError: refusing to load posix\.system'),
+      'keys': ({b'images': 1}, r"data_batch_1 has keys \['images'\], not the cifar10 batch keys"),
+      'dtype': ({b'data': np.zeros((4, 3072), np.float32), b'labels': [0] * 4},
+                r"data_batch_1: 'data' is float32 \[4, 3072\]; a CIFAR batch holds uint8"),
+  }[kind]
+  with open(os.path.join(folder, 'data_batch_1'), 'wb') as f:
+    f.write(_pickle(payload))
+  with pytest.raises(DataError, match=expected):
+    cifar_files.load(str(tmp_path), 'cifar10')
+  assert not marker.exists()
+
+
+def test_cifar100_files_given_for_cifar10_are_named_as_such(tmp_path, small):
+  write_form(tmp_path, 'cifar-100-python', small['cifar100'])
+  with pytest.raises(DataError, match=r"holds cifar100 files .*cifar-100-python.*Set "
+                                      r"config\.data\.dataset='cifar100'"):
+    cifar_files.load(str(tmp_path), 'cifar10')
+
+
+def test_a_cifar100_batch_inside_a_cifar10_folder_is_named_as_such(tmp_path, small):
+  py = write_form(tmp_path / 'py', 'cifar-10-batches-py', small['cifar10'])
+  write_form(tmp_path / 'c100', 'cifar-100-python', small['cifar100'])
+  os.replace(tmp_path / 'c100' / 'cifar-100-python' / 'train', os.path.join(py, 'data_batch_1'))
+  with pytest.raises(DataError, match=r'data_batch_1 is a cifar100 file, not cifar10'):
+    cifar_files.load(str(tmp_path / 'py'), 'cifar10')
+
+  binary = write_form(tmp_path / 'bin', 'cifar-10-batches-bin', small['cifar10'])
+  records = np.zeros((4, 3074), np.uint8).tobytes()  # a CIFAR-100 record has two label bytes
+  with open(os.path.join(binary, 'data_batch_1.bin'), 'wb') as f:
+    f.write(records)
+  with pytest.raises(DataError, match=r'data_batch_1\.bin has 12,296 bytes.*it looks like a '
+                                      r'cifar100 file'):
+    cifar_files.load(str(tmp_path / 'bin'), 'cifar10')
+
+
+def test_labels_out_of_range_are_refused(tmp_path, small):
+  folder = write_form(tmp_path, 'cifar-10-batches-bin', small['cifar10'])
+  path = os.path.join(folder, 'test_batch.bin')
+  records = np.frombuffer(open(path, 'rb').read(), np.uint8).reshape(6, 3073).copy()
+  records[2, 0] = 42
+  with open(path, 'wb') as f:
+    f.write(records.tobytes())
+  with pytest.raises(DataError, match=r'test_batch\.bin has labels in \[\d+, 42\]; cifar10 has '
+                                      r'10 classes'):
+    cifar_files.load(str(tmp_path), 'cifar10')
+
+
+# ----------------------------------------------------------------------------
+# Through the public command line, with files of the official sizes.
+
+
+def _official_size(per_train_file=10_000, test=10_000, num_classes=10):
+  """Cheap to write and to compress: each image one grey level, from its label and index."""
+  def split(n, offset):
+    labels = (np.arange(n) + offset) % num_classes
+    levels = (labels * 23 + np.arange(n) % 7).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (n, 32, 32, 3)).copy(), labels
+  return {'train': split(5 * per_train_file, 0), 'test': split(test, 3)}
+
+
+def _main(*args, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+_SHORT_RUN = ['--config=experiments/cifar_resnet20.py', '--config.data.source=files',
+              '--config.data.val_split=train[49984:]', '--config.data.test_split=test[:16]',
+              '--config.batch_size=8', '--config.eval_batch_size=16',
+              '--config.num_train_steps=2', '--config.log_every_steps=1',
+              '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
+              '--config.progress_bar=False']
+
+
+@pytest.mark.parametrize('form', ['cifar-10-batches-py', 'cifar-10-python.tar.gz',
+                                  'cifar-10-binary.tar.gz'])  # the binary folder: test_no_tensorflow
+def test_training_from_each_official_form_through_the_command_line(tmp_path, form):
+  write_form(tmp_path / 'data', form, _official_size())
+  workdir = tmp_path / 'run'
+  out = _main(*_SHORT_RUN, f"--config.data.data_dir={tmp_path / 'data'}", f'--workdir={workdir}')
+  assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+  result = json.loads((workdir / 'result.json').read_text())
+  assert (result['steps'], result['data'], result['test_examples']) == (2, 'cifar10', 16)
+  last = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
+  assert (last['step'], last['validation_split'], last['validation_examples']) == (
+      2, 'train[49984:]', 16)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+
+
+def _bad_data(root, kind):
+  """A data_dir with one kind of bad input; the first file read is the bad one."""
+  root.mkdir()
+  if kind == 'missing':
+    return 'No cifar10 files in'
+  if kind == 'truncated':
+    folder = root / 'cifar-10-batches-bin'
+    folder.mkdir()
+    (folder / 'data_batch_1.bin').write_bytes(bytes(3073 * 100))
+    return (f"{folder / 'data_batch_1.bin'} has 307,300 bytes; the official file holds 10,000 "
+            'records of 3073 bytes (30,730,000 bytes), so it is truncated or not this dataset.')
+  if kind == 'wrong_pickle':
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir()
+    (folder / 'data_batch_1').write_bytes(_pickle(['not', 'a', 'batch']))
+    return f"{folder / 'data_batch_1'} holds a list, not the dict of a CIFAR batch"
+  assert kind == 'cifar100'
+  (root / 'cifar-100-python').mkdir()
+  return "holds cifar100 files"
+
+
+@pytest.mark.parametrize('kind', ['missing', 'truncated', 'wrong_pickle', 'cifar100'])
+def test_bad_data_through_the_command_line_is_one_error_line_and_writes_nothing(tmp_path, kind):
+  expected = _bad_data(tmp_path / 'data', kind)
+  before = sorted(str(p) for p in (tmp_path / 'data').rglob('*'))
+  workdir = tmp_path / 'run'
+  out = _main(*_SHORT_RUN, f"--config.data.data_dir={tmp_path / 'data'}", f'--workdir={workdir}')
+  assert out.returncode == 2, (out.stdout + out.stderr)[-4000:]
+  assert out.stderr.startswith('error: ') and expected in out.stderr, out.stderr[-4000:]
+  assert 'Traceback' not in out.stdout + out.stderr
+  assert not workdir.exists()
+  assert sorted(str(p) for p in (tmp_path / 'data').rglob('*')) == before  # no statistics cache
