@@ -347,13 +347,28 @@ _SHORT_RUN = ['--config=experiments/cifar_resnet20.py', '--config.data.source=fi
               '--config.progress_bar=False']
 
 
-@pytest.mark.parametrize('form', ['cifar-10-batches-py', 'cifar-10-python.tar.gz',
-                                  'cifar-10-binary.tar.gz'])  # the binary folder: test_no_tensorflow
-def test_training_from_each_official_form_through_the_command_line(tmp_path, form):
-  write_form(tmp_path / 'data', form, _official_size())
-  workdir = tmp_path / 'run'
-  out = _main(*_SHORT_RUN, f"--config.data.data_dir={tmp_path / 'data'}", f'--workdir={workdir}')
+def _train(root, form):
+  write_form(root / 'data', form, _official_size())
+  workdir = root / 'run'
+  out = _main(*_SHORT_RUN, f"--config.data.data_dir={root / 'data'}", f'--workdir={workdir}')
   assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+  return root / 'data', workdir
+
+
+@pytest.fixture(scope='module')
+def python_folder_run(tmp_path_factory):
+  """(data_dir, workdir) of a 2-step run trained from cifar-10-batches-py."""
+  return _train(tmp_path_factory.mktemp('files_run'), 'cifar-10-batches-py')
+
+
+# The binary folder: test_no_tensorflow.
+@pytest.mark.parametrize('form', ['cifar-10-batches-py', 'cifar-10-python.tar.gz',
+                                  'cifar-10-binary.tar.gz'])
+def test_training_from_each_official_form_through_the_command_line(tmp_path, form, request):
+  if form == 'cifar-10-batches-py':
+    _, workdir = request.getfixturevalue('python_folder_run')
+  else:
+    _, workdir = _train(tmp_path, form)
   result = json.loads((workdir / 'result.json').read_text())
   assert (result['steps'], result['data'], result['test_examples']) == (2, 'cifar10', 16)
   last = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
@@ -394,3 +409,30 @@ def test_bad_data_through_the_command_line_is_one_error_line_and_writes_nothing(
   assert 'Traceback' not in out.stdout + out.stderr
   assert not workdir.exists()
   assert sorted(str(p) for p in (tmp_path / 'data').rglob('*')) == before  # no statistics cache
+
+
+def test_exported_weights_reproduce_their_stated_error_on_the_files(python_folder_run, tmp_path,
+                                                                     capsys):
+  from resnet_jax import evaluate, export  # pylint: disable=g-import-not-at-top
+  data_dir, workdir = python_folder_run
+  weights = str(tmp_path / 'weights')
+  assert export.main(['--workdir', str(workdir), '--name', 'files_r20', '--out_dir', weights]) == 0
+  stated = json.loads((workdir / 'result.json').read_text())['test_error']
+  out_file = tmp_path / 'evaluation.json'
+  # The split comes from the shipped file: the run's test split, test[:16].
+  assert evaluate.main(['--pretrained=files_r20', f'--weights_dir={weights}',
+                        f'--data_dir={data_dir}', f'--out={out_file}', '--batch_size=5']) == 0
+  measured = json.loads(out_file.read_text())
+  assert (measured['split'], measured['examples'], measured['dataset']) == ('test[:16]', 16,
+                                                                           'cifar10')
+  assert measured['error'] == pytest.approx(stated, abs=1e-9)
+  assert sorted(measured['per_class_error']) == sorted(CIFAR10_NAMES)
+  assert 'agrees.' in capsys.readouterr().out
+  # Another split than the stated one: a different figure, and no claim to compare it with.
+  assert evaluate.main([f'--workdir={workdir}', f'--data_dir={data_dir}', '--split=test[:40]',
+                        f'--out={out_file}']) == 0
+  assert json.loads(out_file.read_text())['examples'] == 40
+  # Bad input: one error line, status 2.
+  assert evaluate.main(['--pretrained=files_r20', f'--weights_dir={weights}',
+                        f'--data_dir={tmp_path}']) == 2
+  assert 'No cifar10 files in' in capsys.readouterr().err

@@ -24,7 +24,7 @@ _LAYERS = [
     {'analysis'},
     {'training'},
     {'main', 'sweep', 'report', 'plots', 'benchmark', 'benchmark_input', 'summary', 'predict',
-     'convert', 'export', 'benchmark_gpu'},
+     'convert', 'export', 'benchmark_gpu', 'evaluate'},
 ]
 _COMMANDS = _LAYERS[-1]
 
