@@ -24,7 +24,7 @@ import json
 import sys
 from typing import Any
 
-import numpy as np
+from resnet_jax.predict import add_network_arguments, load_network
 
 
 def _dataset_and_split(net: dict[str, Any], dataset: str | None,
@@ -74,12 +74,7 @@ def evaluate(net: dict[str, Any], data_dir: str, *, dataset: str | None = None,
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m resnet_jax.evaluate', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--pretrained', help='Shipped weights (resnet_jax.pretrained.available()).')
-  parser.add_argument('--workdir', help="A run's workdir: its newest checkpoint.")
-  parser.add_argument('--best', action='store_true',
-                      help='With --workdir: the checkpoint with the lowest validation error.')
-  parser.add_argument('--checkpoint', help='One checkpoint directory.')
-  parser.add_argument('--weights_dir', help='Read --pretrained weights from this folder.')
+  add_network_arguments(parser)
   parser.add_argument('--data_dir', required=True,
                       help='Holds the official CIFAR files (cifar-10-batches-py/, ...).')
   parser.add_argument('--run_data_dir', default=None,
@@ -96,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--out', help='Also write the figures to this JSON file.')
   args = parser.parse_args(argv)
   from resnet_jax.data.base import DataError  # pylint: disable=g-import-not-at-top
-  from resnet_jax.predict import load_network  # pylint: disable=g-import-not-at-top
   try:
     net = load_network(pretrained=args.pretrained, workdir=args.workdir,
                        checkpoint=args.checkpoint, best=args.best,

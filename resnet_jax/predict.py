@@ -131,16 +131,21 @@ def classify(net: dict[str, Any], images: np.ndarray, batch_size: int = 32) -> n
   return probs / probs.sum(-1, keepdims=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m resnet_jax.predict', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER')
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags that name one network for `load_network` (predict, evaluate)."""
   parser.add_argument('--pretrained', help='Shipped weights (resnet_jax.pretrained.available()).')
   parser.add_argument('--workdir', help="A run's workdir: its newest checkpoint.")
   parser.add_argument('--best', action='store_true',
                       help='With --workdir: the checkpoint with the lowest validation error.')
   parser.add_argument('--checkpoint', help='One checkpoint directory (e.g. resnet_jax.convert output).')
   parser.add_argument('--weights_dir', help='Read --pretrained weights from this folder.')
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m resnet_jax.predict', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER')
+  add_network_arguments(parser)
   parser.add_argument('--data_dir', help="The run's training data, if it has moved since the run.")
   parser.add_argument('--top', type=int, default=5, help='Classes to print per image.')
   args = parser.parse_args(argv)
