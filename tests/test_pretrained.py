@@ -5,6 +5,7 @@ temporary folder, never to the package's.
 """
 
 import configparser
+import glob
 import json
 import os
 
@@ -101,3 +102,27 @@ def test_package_data_ships_the_weight_files():
   setup.read(os.path.join(ROOT, 'setup.cfg'))
   patterns = setup['options.package_data']['resnet_jax.weights'].split()
   assert 'files/*.npz' in patterns
+
+
+def test_every_shipped_file_loads_and_states_its_committed_result():
+  """Each weights file in the package: builds, gives finite logits, and states the test
+  error of the result.json committed under docs/ for it (docs/*/NAME/result.json); the
+  README names it. With none shipped, the README must say so."""
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    readme = f.read()
+  names = resnet_jax.pretrained.available()
+  if not names:
+    assert 'None is shipped yet' in readme
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8)
+  for name in names:
+    net = resnet_jax.pretrained(name)
+    _, apply_fn = resnet_jax.functional(net['model'], **net['model_kwargs'])
+    logits = np.asarray(apply_fn(net['variables'], net['normalize'](images)))
+    assert logits.shape == (4, len(net['label_names'])) and np.isfinite(logits).all(), name
+    results = glob.glob(os.path.join(ROOT, 'docs', '*', name, 'result.json'))
+    assert len(results) == 1, f'commit the result.json of {name} as docs/<topic>/{name}/result.json'
+    with open(results[0]) as f:
+      result = json.load(f)
+    assert net['test_error'] == result['test_error'], name
+    assert net['source']['step'] == result['steps'], name
+    assert f"pretrained('{name}')" in readme or f'--pretrained={name}' in readme, name
