@@ -429,9 +429,14 @@ def test_exported_weights_reproduce_their_stated_error_on_the_files(python_folde
   assert sorted(measured['per_class_error']) == sorted(CIFAR10_NAMES)
   assert 'agrees.' in capsys.readouterr().out
   # Another split than the stated one: a different figure, and no claim to compare it with.
-  assert evaluate.main([f'--workdir={workdir}', f'--data_dir={data_dir}', '--split=test[:40]',
-                        f'--out={out_file}']) == 0
+  assert evaluate.main(['--pretrained=files_r20', f'--weights_dir={weights}',
+                        f'--data_dir={data_dir}', '--split=test[:40]', f'--out={out_file}']) == 0
   assert json.loads(out_file.read_text())['examples'] == 40
+  assert 'another split, not compared' in capsys.readouterr().out
+  # A run's workdir: its newest checkpoint, normalised with the run's statistics.
+  assert evaluate.main([f'--workdir={workdir}', f'--data_dir={data_dir}', '--split=test[:16]',
+                        f'--out={out_file}']) == 0
+  assert json.loads(out_file.read_text())['error'] == pytest.approx(stated, abs=1e-9)
   # Bad input: one error line, status 2.
   assert evaluate.main(['--pretrained=files_r20', f'--weights_dir={weights}',
                         f'--data_dir={tmp_path}']) == 2
