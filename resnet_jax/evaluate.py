@@ -24,28 +24,33 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
+
 from resnet_jax.predict import add_network_arguments, load_network
 
 
-def recorded_data(net: dict[str, Any]) -> dict[str, Any]:
-  """The data config of the run that shipped weights come from ({} if unknown)."""
-  return ((net.get('source') or {}).get('config') or {}).get('data') or {}
+def stated_on(net: dict[str, Any]) -> tuple[str | None, str]:
+  """(dataset, split) that the run of shipped weights measured its test error on.
+
+  The dataset is None where unknown (weights without a run config); the split
+  defaults to 'test'.
+  """
+  recorded = ((net.get('source') or {}).get('config') or {}).get('data') or {}
+  return recorded.get('dataset'), recorded.get('test_split') or 'test'
 
 
 def _dataset_and_split(net: dict[str, Any], dataset: str | None,
                        split: str | None) -> tuple[str, str]:
   """The dataset and split to evaluate: the flags, else what shipped weights were measured on."""
-  recorded = recorded_data(net)
+  stated_dataset, stated_split = stated_on(net)
   if dataset is None:
     num_classes = net['model_kwargs'].get('num_classes', 10)
-    dataset = recorded.get('dataset') or {10: 'cifar10', 100: 'cifar100'}.get(num_classes)
+    dataset = stated_dataset or {10: 'cifar10', 100: 'cifar100'}.get(num_classes)
     if dataset not in ('cifar10', 'cifar100'):
       raise ValueError(f"The network was trained on {dataset or f'{num_classes} classes'}; this "
                        'command reads the official CIFAR files: give --dataset=cifar10 or '
                        'cifar100 to evaluate it on them anyway.')
-  if split is None:
-    split = recorded.get('test_split') or 'test'
-  return dataset, split
+  return dataset, split or stated_split
 
 
 def evaluate(net: dict[str, Any], data_dir: str, *, dataset: str | None = None,
@@ -67,12 +72,11 @@ def evaluate(net: dict[str, Any], data_dir: str, *, dataset: str | None = None,
                      f'{base.NUM_CLASSES[dataset]}: give the --dataset it was trained on.')
   predicted = classify(net, images, batch_size=batch_size).argmax(-1)
   wrong = predicted != labels
-  per_class = {}
   names = net.get('label_names') or [str(c) for c in range(num_classes)]
-  for c in range(num_classes):
-    of_class = labels == c
-    if of_class.any():
-      per_class[names[c]] = 100.0 * float(wrong[of_class].mean())
+  counts = np.bincount(labels, minlength=num_classes)
+  misses = np.bincount(labels, weights=wrong, minlength=num_classes)
+  per_class = {names[c]: 100.0 * float(misses[c] / counts[c])
+               for c in range(num_classes) if counts[c]}
   return {'error': 100.0 * float(wrong.mean()), 'examples': int(len(labels)), 'split': split,
           'dataset': dataset, 'data': where, 'per_class_error': per_class}
 
@@ -114,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.pretrained is not None:
     stated = float(net['test_error'])
     out['stated_error'], out['stated_on'] = stated, net['data']
-    recorded = recorded_data(net)
-    if (out['split'], out['dataset']) != (recorded.get('test_split', 'test'),
-                                          recorded.get('dataset', out['dataset'])):
+    stated_dataset, stated_split = stated_on(net)
+    if (out['dataset'], out['split']) != (stated_dataset or out['dataset'], stated_split):
       print(f"Stated: {stated:.2f}% on {net['data']}: another split, not compared.")
     else:
       agrees = abs(out['error'] - stated) <= args.tolerance
