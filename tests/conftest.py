@@ -3,6 +3,8 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # One persistent compilation cache for the whole session, set before jax is imported so
@@ -45,6 +47,14 @@ def digits_config(settings: dict, **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def run_main(*args, devices=1, timeout=900):
+  """`python -m resnet_jax.main ARGS` on `devices` simulated CPU devices: the CompletedProcess."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope='session')

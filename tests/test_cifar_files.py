@@ -11,9 +11,6 @@ the official sizes, and check that nothing reaches the workdir on bad input.
 import io
 import json
 import os
-import pickle
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -23,113 +20,15 @@ from resnet_jax import configs
 from resnet_jax.data import base, cifar_files
 from resnet_jax.data.base import DataError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
-                 'truck']
-_TRAIN_FILES = [f'data_batch_{i}' for i in range(1, 6)]
-
-
-def _dataset(per_train_file, test, num_classes, seed=0):
-  """Images and labels whose every pixel differs from image to image (order is checked)."""
-  rng = np.random.default_rng(seed)
-  n = 5 * per_train_file
-  train = (rng.integers(0, 256, (n, 32, 32, 3), np.uint8), rng.integers(0, num_classes, n))
-  tests = (rng.integers(0, 256, (test, 32, 32, 3), np.uint8), rng.integers(0, num_classes, test))
-  return {'train': train, 'test': tests}
-
-
-def _rows(images):
-  """uint8 [N, 32, 32, 3] -> the official rows: 1024 red, 1024 green, 1024 blue bytes."""
-  return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), -1))
-
-
-def _pickle(obj):
-  return pickle.dumps(obj, protocol=2)
-
-
-def _cifar10_files(data, kind):
-  """{name: bytes} of the official CIFAR-10 folder of `kind` ('pickle' or 'binary')."""
-  train_images, train_labels = data['train']
-  per_file = len(train_images) // 5
-  batches = [(f'data_batch_{i + 1}', train_images[i * per_file:(i + 1) * per_file],
-              train_labels[i * per_file:(i + 1) * per_file]) for i in range(5)]
-  batches.append(('test_batch', *data['test']))
-  files = {}
-  for name, images, labels in batches:
-    if kind == 'pickle':
-      files[name] = _pickle({b'batch_label': name.encode(), b'labels': [int(l) for l in labels],
-                             b'data': _rows(images),
-                             b'filenames': [b'%d.png' % i for i in range(len(images))]})
-    else:
-      files[f'{name}.bin'] = np.concatenate(
-          [labels.astype(np.uint8)[:, None], _rows(images)], axis=1).tobytes()
-  if kind == 'pickle':
-    files['batches.meta'] = _pickle({b'label_names': [n.encode() for n in CIFAR10_NAMES],
-                                     b'num_cases_per_batch': per_file, b'num_vis': 3072})
-  else:
-    files['batches.meta.txt'] = ('\n'.join(CIFAR10_NAMES) + '\n').encode()
-  return files
-
-
-def _cifar100_files(data, kind):
-  files = {}
-  for split in ('train', 'test'):
-    images, fine = data[split]
-    coarse = fine // 5
-    if kind == 'pickle':
-      files[split] = _pickle({b'filenames': [b'x.png'] * len(images), b'fine_labels': list(fine),
-                              b'coarse_labels': list(coarse), b'data': _rows(images)})
-    else:
-      files[f'{split}.bin'] = np.concatenate(
-          [coarse.astype(np.uint8)[:, None], fine.astype(np.uint8)[:, None], _rows(images)],
-          axis=1).tobytes()
-  names = [f'class{i}' for i in range(100)]
-  if kind == 'pickle':
-    files['meta'] = _pickle({b'fine_label_names': [n.encode() for n in names],
-                             b'coarse_label_names': [b'c%d' % i for i in range(20)]})
-  else:
-    files['fine_label_names.txt'] = ('\n'.join(names) + '\n').encode()
-  return files
-
-
-FORMS = {  # form: (dataset, folder inside the archive or DIR, archive name or None, kind)
-    'cifar-10-batches-py': ('cifar10', 'cifar-10-batches-py', None, 'pickle'),
-    'cifar-10-batches-bin': ('cifar10', 'cifar-10-batches-bin', None, 'binary'),
-    'cifar-10-python.tar.gz': ('cifar10', 'cifar-10-batches-py', 'cifar-10-python.tar.gz', 'pickle'),
-    'cifar-10-binary.tar.gz': ('cifar10', 'cifar-10-batches-bin', 'cifar-10-binary.tar.gz',
-                               'binary'),
-    'cifar-100-python': ('cifar100', 'cifar-100-python', None, 'pickle'),
-    'cifar-100-binary.tar.gz': ('cifar100', 'cifar-100-binary', 'cifar-100-binary.tar.gz',
-                                'binary'),
-}
-
-
-def write_form(root, form, data):
-  """Writes `data` as the official `form` under `root`; returns the written folder or archive."""
-  dataset, folder, archive, kind = FORMS[form]
-  files = (_cifar10_files if dataset == 'cifar10' else _cifar100_files)(data, kind)
-  os.makedirs(root, exist_ok=True)
-  if archive is None:
-    os.makedirs(os.path.join(root, folder))
-    for name, payload in files.items():
-      with open(os.path.join(root, folder, name), 'wb') as f:
-        f.write(payload)
-    return os.path.join(root, folder)
-  with tarfile.open(os.path.join(root, archive), 'w:gz', compresslevel=1) as tar:
-    for name, payload in files.items():
-      info = tarfile.TarInfo(f'{folder}/{name}')
-      info.size = len(payload)
-      tar.addfile(info, io.BytesIO(payload))
-  return os.path.join(root, archive)
-
+from cifar_writer import CIFAR10_NAMES, FORMS, official_size, random_dataset, to_pickle, write_form  # pylint: disable=g-bad-import-order
+from conftest import run_main  # pylint: disable=g-bad-import-order
 
 @pytest.fixture
 def small(monkeypatch):
   """Official sizes patched down: 4 images per training batch file, 6 test images."""
   monkeypatch.setattr(cifar_files, '_SIZES', {'cifar10': {'train': 20, 'test': 6},
                                               'cifar100': {'train': 20, 'test': 6}})
-  return {'cifar10': _dataset(4, 6, 10), 'cifar100': _dataset(4, 6, 100, seed=1)}
+  return {'cifar10': random_dataset(4, 6, 10), 'cifar100': random_dataset(4, 6, 100, seed=1)}
 
 
 # ----------------------------------------------------------------------------
@@ -155,7 +54,7 @@ def test_every_official_form_reads_the_images_labels_and_names_in_the_official_o
 
 def test_data_dir_may_be_the_folder_itself_and_folders_come_before_archives(tmp_path, small):
   folder = write_form(tmp_path, 'cifar-10-batches-bin', small['cifar10'])
-  other = _dataset(4, 6, 10, seed=7)
+  other = random_dataset(4, 6, 10, seed=7)
   write_form(tmp_path, 'cifar-10-python.tar.gz', other)
   splits, _, where = cifar_files.load(folder, 'cifar10')
   assert where == folder
@@ -234,7 +133,7 @@ def test_a_truncated_file_is_named_with_its_size(tmp_path, small, form, name, ke
 def test_a_pickle_with_fewer_images_than_the_official_file_is_refused(tmp_path, small):
   folder = write_form(tmp_path, 'cifar-10-batches-py', small['cifar10'])
   with open(os.path.join(folder, 'test_batch'), 'wb') as f:
-    f.write(_pickle({b'labels': [1, 2], b'data': np.zeros((2, 3072), np.uint8)}))
+    f.write(to_pickle({b'labels': [1, 2], b'data': np.zeros((2, 3072), np.uint8)}))
   with pytest.raises(DataError, match=r'test_batch holds 2 images; the official file holds 6'):
     cifar_files.load(str(tmp_path), 'cifar10')
 
@@ -279,7 +178,7 @@ def test_a_pickle_of_another_kind_is_refused_and_never_run(tmp_path, small, kind
                 r"data_batch_1: 'data' is float32 \[4, 3072\]; a CIFAR batch holds uint8"),
   }[kind]
   with open(os.path.join(folder, 'data_batch_1'), 'wb') as f:
-    f.write(_pickle(payload))
+    f.write(to_pickle(payload))
   with pytest.raises(DataError, match=expected):
     cifar_files.load(str(tmp_path), 'cifar10')
   assert not marker.exists()
@@ -324,21 +223,6 @@ def test_labels_out_of_range_are_refused(tmp_path, small):
 # Through the public command line, with files of the official sizes.
 
 
-def _official_size(per_train_file=10_000, test=10_000, num_classes=10):
-  """Cheap to write and to compress: each image one grey level, from its label and index."""
-  def split(n, offset):
-    labels = (np.arange(n) + offset) % num_classes
-    levels = (labels * 23 + np.arange(n) % 7).astype(np.uint8)
-    return np.broadcast_to(levels[:, None, None, None], (n, 32, 32, 3)).copy(), labels
-  return {'train': split(5 * per_train_file, 0), 'test': split(test, 3)}
-
-
-def _main(*args, timeout=900):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout, check=False)
-
-
 _SHORT_RUN = ['--config=experiments/cifar_resnet20.py', '--config.data.source=files',
               '--config.data.val_split=train[49984:]', '--config.data.test_split=test[:16]',
               '--config.batch_size=8', '--config.eval_batch_size=16',
@@ -348,9 +232,9 @@ _SHORT_RUN = ['--config=experiments/cifar_resnet20.py', '--config.data.source=fi
 
 
 def _train(root, form):
-  write_form(root / 'data', form, _official_size())
+  write_form(root / 'data', form, official_size())
   workdir = root / 'run'
-  out = _main(*_SHORT_RUN, f"--config.data.data_dir={root / 'data'}", f'--workdir={workdir}')
+  out = run_main(*_SHORT_RUN, f"--config.data.data_dir={root / 'data'}", f'--workdir={workdir}')
   assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
   return root / 'data', workdir
 
@@ -391,7 +275,7 @@ def _bad_data(root, kind):
   if kind == 'wrong_pickle':
     folder = root / 'cifar-10-batches-py'
     folder.mkdir()
-    (folder / 'data_batch_1').write_bytes(_pickle(['not', 'a', 'batch']))
+    (folder / 'data_batch_1').write_bytes(to_pickle(['not', 'a', 'batch']))
     return f"{folder / 'data_batch_1'} holds a list, not the dict of a CIFAR batch"
   assert kind == 'cifar100'
   (root / 'cifar-100-python').mkdir()
@@ -403,7 +287,7 @@ def test_bad_data_through_the_command_line_is_one_error_line_and_writes_nothing(
   expected = _bad_data(tmp_path / 'data', kind)
   before = sorted(str(p) for p in (tmp_path / 'data').rglob('*'))
   workdir = tmp_path / 'run'
-  out = _main(*_SHORT_RUN, f"--config.data.data_dir={tmp_path / 'data'}", f'--workdir={workdir}')
+  out = run_main(*_SHORT_RUN, f"--config.data.data_dir={tmp_path / 'data'}", f'--workdir={workdir}')
   assert out.returncode == 2, (out.stdout + out.stderr)[-4000:]
   assert out.stderr.startswith('error: ') and expected in out.stderr, out.stderr[-4000:]
   assert 'Traceback' not in out.stdout + out.stderr

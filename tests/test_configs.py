@@ -3,8 +3,6 @@
 import ast
 import glob
 import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -19,7 +17,8 @@ from resnet_jax import sweep
 from resnet_jax.training import state as state_lib
 from resnet_jax.training import build
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_main  # pylint: disable=g-bad-import-order
+
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, 'experiments', '*.py')))
 # Training-split sizes, to derive step counts without loading the data.
 TRAIN_EXAMPLES = {'cifar10': 45_000, 'imagenet2012': 1_281_167, 'digits': 1_437}
@@ -127,18 +126,11 @@ def test_the_command_line_hands_the_run_a_locked_config(monkeypatch, tmp_path):
     config.batch_sise = 64
 
 
-def _main(*args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-
-
 def test_command_line_rejects_a_mistyped_key_and_an_indivisible_batch(tmp_path):
-  out = _main('--config=experiments/digits_resnet20.py', f'--workdir={tmp_path}/a',
+  out = run_main('--config=experiments/digits_resnet20.py', f'--workdir={tmp_path}/a',
               '--config.batch_sise=64')
   assert out.returncode != 0 and 'batch_sise' in out.stderr
-  out = _main('--config=experiments/digits_resnet20.py', f'--workdir={tmp_path}/b',
+  out = run_main('--config=experiments/digits_resnet20.py', f'--workdir={tmp_path}/b',
               '--config.batch_size=12', devices=8)
   assert out.returncode == 2
   assert 'batch_size=12 cannot be split evenly over the 8 devices' in out.stderr

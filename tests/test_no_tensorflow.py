@@ -8,10 +8,10 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cifar_writer import official_size, write_form  # pylint: disable=g-bad-import-order
+from conftest import ROOT  # pylint: disable=g-bad-import-order
 
 # None in sys.modules: `import tensorflow` raises ImportError and
 # importlib.util.find_spec('tensorflow') says it is not installed.
@@ -65,20 +65,8 @@ def _event_scalars(directory):
   return scalars
 
 
-def _write_cifar10_binary(directory):
-  """Full-size official binary files (10,000 records each) of random bytes."""
-  folder = directory / 'cifar-10-batches-bin'
-  folder.mkdir(parents=True)
-  rng = np.random.default_rng(0)
-  for name in [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']:
-    records = rng.integers(0, 256, (10_000, 1 + 32 * 32 * 3), dtype=np.uint8)
-    records[:, 0] = np.arange(10_000) % 10
-    (folder / name).write_bytes(records.tobytes())
-  (folder / 'batches.meta.txt').write_text('\n'.join(f'class{i}' for i in range(10)) + '\n')
-
-
 def test_training_on_the_official_cifar_files_writes_every_output(tmp_path):
-  _write_cifar10_binary(tmp_path / 'data')
+  write_form(tmp_path / 'data', 'cifar-10-batches-bin', official_size())
   workdir = tmp_path / 'run'
   _main('--config=experiments/cifar_resnet20.py', f'--workdir={workdir}',
         '--config.data.source=files', f"--config.data.data_dir={tmp_path / 'data'}",
