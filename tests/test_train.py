@@ -107,8 +107,9 @@ def test_synthetic_runs_are_labelled_in_every_record(tmp_path):
   config = _tiny_config(num_train_steps=2, eval_every_steps=2, log_every_steps=1)
   config.data.source = 'synthetic'
   config.data.dataset = 'cifar10'
+  config.data.test_split = 'test[:32]'  # not CIFAR's 10,000 test images: 32 are enough to label
   result = loop.train_and_evaluate(config, str(tmp_path))
-  assert result['synthetic'] is True
+  assert result['synthetic'] is True and result['test_examples'] == 32
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert records and all(r['synthetic'] is True for r in records)
 
