@@ -7,14 +7,21 @@
 Datasets: 'cifar10' (real data, must be prepared), 'cifar10_generated' (random
 CIFAR-shaped uint8 data, 50k examples, through the real CIFAR code path),
 'digits', 'synthetic' (the synthetic source, CIFAR shapes) and
-'imagenet_synthetic_jpeg' (random 500x375 JPEGs through the ImageNet training
-preprocessing: decode, scale augmentation, crop, flip, PCA lighting). Only the
-JPEG benchmark needs TensorFlow, and imports it when it runs.
+'imagenet_synthetic_jpeg' (random 500x375 JPEGs through the tf.data ImageNet
+training preprocessing: decode, scale augmentation, crop, flip, PCA lighting)
+and 'imagenet_files_jpeg' (the same JPEGs, as files, through the files
+source's Pillow preprocessing). Only 'imagenet_synthetic_jpeg' needs
+TensorFlow, and imports it when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import io
+import itertools
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -22,7 +29,8 @@ import numpy as np
 from resnet_jax import configs
 from resnet_jax import data
 
-OFFLINE = ('cifar10_generated', 'digits', 'synthetic', 'imagenet_synthetic_jpeg')
+OFFLINE = ('cifar10_generated', 'digits', 'synthetic', 'imagenet_synthetic_jpeg',
+           'imagenet_files_jpeg')
 
 
 def _time_batches(batches, num_batches: int, warmup: int) -> dict:
@@ -63,21 +71,22 @@ def generated_cifar_source(config, num_examples: int = 50_000) -> data.ArraySour
 
 
 def random_jpegs(n: int, height: int = 375, width: int = 500, seed: int = 0) -> list[bytes]:
-  """Smooth random images (so they compress like photos), JPEG-encoded."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """Smooth random images (so they compress like photos), JPEG-encoded (Pillow)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
-    low = rng.uniform(0, 255, (height // 16, width // 16, 3)).astype(np.float32)
-    image = tf.image.resize(low, (height, width), method='bicubic')
-    image += rng.normal(0, 8, (height, width, 3)).astype(np.float32)
-    image = tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8)
-    out.append(tf.io.encode_jpeg(image, quality=90).numpy())
+    low = rng.uniform(0, 255, (height // 16, width // 16, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), np.float32)
+    image += rng.normal(0, 8, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, 'JPEG', quality=90)
+    out.append(buffer.getvalue())
   return out
 
 
 def jpeg_throughput(config, num_batches: int = 10, warmup: int = 2, num_images: int = 64) -> dict:
-  """ImageNet training preprocessing over in-memory JPEGs (no disk reads)."""
+  """ImageNet training preprocessing (tf.data) over in-memory JPEGs (no disk reads)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from resnet_jax.data import imagenet as imagenet_data  # pylint: disable=g-import-not-at-top
   d = config.data
@@ -93,10 +102,37 @@ def jpeg_throughput(config, num_batches: int = 10, warmup: int = 2, num_images: 
               setup_s=0.0, **_time_batches(batches, num_batches, warmup))
 
 
+def files_jpeg_throughput(config, num_batches: int = 10, warmup: int = 2,
+                          num_images: int = 64) -> dict:
+  """ImageNet training preprocessing of the TensorFlow-free files source (Pillow, one thread
+  per core, or config.data.num_parallel_calls) over JPEG files in a temporary folder."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from resnet_jax.data import base, imagenet_files  # pylint: disable=g-import-not-at-top
+  d, size = config.data, config.batch_size
+  threads = d.num_parallel_calls if d.num_parallel_calls > 0 else (os.cpu_count() or 1)
+  jpegs = random_jpegs(num_images)
+  with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    paths = []
+    for i, payload in enumerate(jpegs):
+      paths.append(epath.Path(tmp) / f'{i}.JPEG')
+      paths[-1].write_bytes(payload)
+    def one(position):
+      return imagenet_files.train_image(paths[position % len(paths)],
+                                        base.rng(config.seed, base.AUGMENT, 0, position), d)
+    def batches():
+      for step in itertools.count():
+        images = list(pool.map(one, range(step * size, (step + 1) * size)))
+        yield {'label': np.zeros(len(images), np.int32)}
+    result = _time_batches(batches(), num_batches, warmup)
+  mean_kb = np.mean([len(j) for j in jpegs]) / 1024
+  return dict(name=f'imagenet_files_jpeg ({mean_kb:.0f} KB, {threads} threads)', batch_size=size,
+              setup_s=0.0, **result)
+
+
 def benchmark(dataset: str, num_batches: int | None = None, warmup: int | None = None,
               batch_size: int | None = None) -> dict:
   """One named benchmark; see the module docstring."""
-  if dataset == 'imagenet_synthetic_jpeg':
+  if dataset in ('imagenet_synthetic_jpeg', 'imagenet_files_jpeg'):
     config = configs.imagenet('resnet50')
   elif dataset == 'digits':
     config = configs.digits()
@@ -108,6 +144,8 @@ def benchmark(dataset: str, num_batches: int | None = None, warmup: int | None =
     config.batch_size = batch_size
   if dataset == 'imagenet_synthetic_jpeg':
     return jpeg_throughput(config, num_batches or 10, 2 if warmup is None else warmup)
+  if dataset == 'imagenet_files_jpeg':
+    return files_jpeg_throughput(config, num_batches or 10, 2 if warmup is None else warmup)
   source = generated_cifar_source(config) if dataset == 'cifar10_generated' else None
   return pipeline_throughput(config, num_batches or 300, 10 if warmup is None else warmup, source)
 

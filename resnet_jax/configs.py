@@ -51,13 +51,15 @@ def _model(name: str, shortcut: str) -> ml_collections.ConfigDict:
 def _data(**kw) -> ml_collections.ConfigDict:
   d = dict(
       # 'tfds' (real data through tensorflow-datasets), 'files' (CIFAR-10/100
-      # from the official python/binary files or archives in data_dir; numpy
-      # only), 'synthetic' (random images, for benchmarks and smoke runs) or
+      # from the official python/binary files or archives in data_dir, numpy
+      # only; ImageNet from its train/ and val/ class folders, Pillow and
+      # numpy), 'synthetic' (random images, for benchmarks and smoke runs) or
       # 'digits' (scikit-learn's bundled 8x8 digits, offline demo).
       source='tfds',
       dataset='cifar10',
       # tfds: its data dir ('' = ~/tensorflow_datasets or $TFDS_DATA_DIR);
-      # files: the directory holding the CIFAR files. Local or gs://.
+      # files: the directory holding the CIFAR files or ImageNet's train/ and
+      # val/ folders. Local or gs://.
       data_dir='',
       manual_dir='',      # '' = <data_dir>/downloads/manual
       train_split='train',
@@ -78,7 +80,9 @@ def _data(**kw) -> ml_collections.ConfigDict:
       ten_crop=False,     # evaluation: 10 crops (corners + centre, and flips)
       shuffle_buffer=16_384,
       cache=True,
-      num_parallel_calls=-1,  # -1 = tf.data.AUTOTUNE
+      # ImageNet decoding: tf.data's parallelism, or the files source's
+      # threads; -1 = tf.data.AUTOTUNE / one thread per CPU core.
+      num_parallel_calls=-1,
       prefetch=2,
       # In-memory datasets (CIFAR, digits): hold the uint8 training set on the
       # devices and gather, crop and flip each batch inside the train step; the

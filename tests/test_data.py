@@ -432,6 +432,8 @@ def test_benchmarks_run():
   c = imagenet_config()
   result = benchmark_input.jpeg_throughput(c, num_batches=2, warmup=1, num_images=3)
   assert result['batch_size'] == 4 and _images_timed(result) == pytest.approx(2 * 4)
+  result = benchmark_input.files_jpeg_throughput(c, num_batches=2, warmup=1, num_images=3)
+  assert result['batch_size'] == 4 and _images_timed(result) == pytest.approx(2 * 4)
 
 
 HIDE_GPUS = """

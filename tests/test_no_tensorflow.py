@@ -92,3 +92,28 @@ def test_the_digits_demo_runs_without_tensorflow(tmp_path):
         '--config.num_train_steps=2', '--config.eval_every_steps=2',
         '--config.checkpoint_every_steps=2', '--config.progress_bar=False')
   assert json.loads((tmp_path / 'result.json').read_text())['test_examples'] == 360
+
+
+def test_training_on_imagenet_class_folders_writes_every_output(tmp_path):
+  from imagenet_writer import write_imagenet  # pylint: disable=g-import-not-at-top
+  write_imagenet(tmp_path / 'data')
+  workdir = tmp_path / 'run'
+  args = ['--config=experiments/imagenet_resnet18.py', f'--workdir={workdir}',
+          '--config.data.source=files', f"--config.data.data_dir={tmp_path / 'data'}",
+          '--config.data.image_size=32', '--config.data.min_resize=36',
+          '--config.data.max_resize=48', '--config.data.eval_resize=36',
+          '--config.num_epochs=-1', '--config.batch_size=4', '--config.eval_batch_size=4',
+          '--config.num_train_steps=2', '--config.log_every_steps=1',
+          '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
+          '--config.progress_bar=False']
+  # A complete copy of ILSVRC-2012 patched down to the 3 classes written here.
+  _python("import runpy\n"
+          "from resnet_jax.data import imagenet_files\n"
+          "imagenet_files._EXPECTED = {'classes': 3, 'train': 12, 'validation': 6}\n"
+          f"sys.argv = ['resnet_jax.main', *{args!r}]\n"
+          "runpy.run_module('resnet_jax.main', run_name='__main__')")
+  result = json.loads((workdir / 'result.json').read_text())
+  assert (result['steps'], result['data'], result['test_examples']) == (2, 'imagenet2012', 6)
+  assert [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+          if 'train_loss' in json.loads(l)] == [1, 2]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']

@@ -10,6 +10,7 @@ The sources (`config.data.source`):
 | source      | module           | needs TensorFlow |
 |-------------|------------------|------------------|
 | 'files'     | cifar_files.py   | no: CIFAR-10/100 from the official files  |
+|             | imagenet_files.py | no: ImageNet from its class folders (Pillow) |
 | 'digits'    | arrays.py        | no: scikit-learn's digits (offline demo)  |
 | 'synthetic' | arrays.py        | no: random images of the right shapes     |
 | 'tfds'      | tfds_source.py (CIFAR), imagenet.py (ImageNet, tf.data) | yes |
@@ -50,6 +51,9 @@ def create_data_source(config, *, process_index: int | None = None,
     return SyntheticSource(config, **kw)
   if d.source == 'digits':
     return arrays.digits_source(config, **kw)
+  if d.source == 'files' and d.dataset == 'imagenet2012':
+    from resnet_jax.data import imagenet_files  # pylint: disable=g-import-not-at-top
+    return imagenet_files.ImageNetFilesSource(config, **kw)
   if d.source == 'files':
     return cifar_files.files_source(config, **kw)
   if d.dataset in IN_MEMORY_DATASETS:
@@ -64,7 +68,8 @@ def check_config(config, process_index: int = 0, process_count: int = 1) -> None
   d = config.data
   if d.source not in SOURCES:
     raise DataError(f'config.data.source={d.source!r}: use one of {list(SOURCES)}.')
-  known = {'tfds': (*IN_MEMORY_DATASETS, 'imagenet2012'), 'files': IN_MEMORY_DATASETS,
+  known = {'tfds': (*IN_MEMORY_DATASETS, 'imagenet2012'),
+           'files': (*IN_MEMORY_DATASETS, 'imagenet2012'),
            'synthetic': (*IN_MEMORY_DATASETS, 'imagenet2012', 'digits'), 'digits': None}[d.source]
   if known is not None and d.dataset not in known:
     raise DataError(f'config.data.dataset={d.dataset!r} is not supported with '

@@ -20,18 +20,10 @@ import tensorflow_datasets as tfds
 
 from resnet_jax.data import base, tfds_source
 from resnet_jax.data.base import DataError
-
-# not compute a per-pixel mean image of ImageNet (a pass over 1.28M images);
-# 'pixel_mean' uses the image that is constant at these means.
-IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)
-IMAGENET_STD_RGB = (58.393, 57.12, 57.375)
-# AlexNet PCA lighting: eigenvalues/eigenvectors of the RGB covariance of
-# ImageNet pixels on a 0..1 scale (as in fb.resnet.torch). Columns are the
-# eigenvectors.
-IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-IMAGENET_PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
-                       (-0.5808, -0.0045, -0.8140),
-                       (-0.5836, -0.6948, 0.4203))
+# The constants and the normaliser are shared with the TensorFlow-free pipeline.
+from resnet_jax.data.imagenet_files import (IMAGENET_MEAN_RGB, IMAGENET_PCA_EIGVAL,  # pylint: disable=unused-import
+                                             IMAGENET_PCA_EIGVEC, IMAGENET_STD_RGB,
+                                             imagenet_normalizer)
 
 
 def _source_crop_size(hw: tf.Tensor, resize_to, size: int) -> tf.Tensor:
@@ -59,14 +51,6 @@ def pca_lighting(seed: tf.Tensor, std: float) -> tf.Tensor:
   alpha = tf.random.stateless_normal([3], seed, stddev=std)
   eigvec = tf.constant(IMAGENET_PCA_EIGVEC, tf.float32)
   return 255.0 * tf.linalg.matvec(eigvec, alpha * tf.constant(IMAGENET_PCA_EIGVAL, tf.float32))
-
-
-def imagenet_normalizer(mode: str) -> tuple[np.ndarray, np.ndarray]:
-  """(mean, scale) for ImageNet; 'pixel_mean' uses the constant mean image."""
-  mean = np.asarray(IMAGENET_MEAN_RGB, np.float32)
-  if mode == 'channel_mean_std':
-    return mean, 1.0 / np.asarray(IMAGENET_STD_RGB, np.float32)
-  return mean, np.ones((), np.float32)
 
 
 def imagenet_train_image(image_bytes: tf.Tensor, seed: tf.Tensor, d) -> tf.Tensor:
