@@ -36,7 +36,8 @@ IMAGENET_RESIZE, IMAGENET_CROP = 256, 224
 def load_network(*, pretrained: str | None = None, workdir: str | None = None,
                  checkpoint: str | None = None, best: bool = False,
                  weights_dir: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
-  """{'model', 'model_kwargs', 'variables', 'normalize', 'label_names', 'description'} of one source."""
+  """{'model', 'model_kwargs', 'variables', 'normalize', 'label_names', 'description'} of one
+  source; from a checkpoint also 'config', the run's config (empty for converted weights)."""
   if sum(x is not None for x in (pretrained, workdir, checkpoint)) != 1:
     raise ValueError('Name exactly one network: --pretrained=NAME, --workdir=DIR or '
                      '--checkpoint=DIR.')
@@ -63,7 +64,7 @@ def load_network(*, pretrained: str | None = None, workdir: str | None = None,
   kwargs = dict(info['model_kwargs'], conv='xla', remat=False)
   return {'model': info['model'], 'model_kwargs': kwargs,
           'variables': loading.load_variables(info['path']), 'normalize': normalize,
-          'label_names': label_names,
+          'label_names': label_names, 'config': info['config'],
           'description': f"{info['model']} from {info['path']} (step {info['step']})"}
 
 

@@ -4,6 +4,7 @@ Small copies written by tests/imagenet_writer.py (3 classes of smooth gradient J
 a complete copy must hold is patched down to their size.
 """
 
+import json
 import os
 import re
 
@@ -19,7 +20,7 @@ from imagenet_writer import WNIDS, expect, gradient, write_imagenet  # pylint: d
 
 
 def _config(data_dir, **data):
-  config = configs.imagenet('imagenet_resnet18', batch_size=4, eval_batch_size=4)
+  config = configs.imagenet('resnet18', batch_size=4, eval_batch_size=4)
   config.data.update(source='files', data_dir=str(data_dir), image_size=16, min_resize=18,
                      max_resize=40, eval_resize=18, num_parallel_calls=2, prefetch=0, **data)
   return config
@@ -113,11 +114,12 @@ def test_a_damaged_image_is_named_when_it_is_read(copy):
 
 
 def _reference_crop(array, resize_to, size, y, x):
-  """Resizes the whole image's shorter side to `resize_to` (Pillow, bilinear), then crops
-  size x size at (y, x); 'centre' and 'end' mean what torchvision's crops take."""
+  """Resizes the whole image's shorter side to `resize_to` (Pillow, bilinear; the longer side
+  truncated), then crops size x size at (y, x); 'centre' and 'end' mean what torchvision's
+  crops take."""
   h, w = array.shape[:2]
   scale = resize_to / min(h, w)
-  big = np.asarray(Image.fromarray(array).resize((round(w * scale), round(h * scale)),
+  big = np.asarray(Image.fromarray(array).resize((int(w * scale), int(h * scale)),
                                                  Image.BILINEAR), np.float32)
   def at(value, length):
     return {'centre': int(round((length - size) / 2)), 'end': length - size}.get(value, value)
@@ -185,7 +187,7 @@ def test_training_images_are_random_crops_flips_and_lighting_drawn_from_the_rng(
     plain = imagenet_files.train_image(epath.Path(path), np.random.default_rng(seed), d)
     rng = np.random.default_rng(seed)
     resize_to = int(rng.integers(18, 41))
-    height, width = 40 * resize_to // 40, round(60 * resize_to / 40)
+    height, width = resize_to, int(60 * resize_to / 40)
     y, x = int(rng.integers(0, height - 15)), int(rng.integers(0, width - 15))
     flip = rng.random() < 0.5
     _assert_close(plain[:, ::-1] if flip else plain, _reference_crop(array, resize_to, 16, y, x))
@@ -253,3 +255,42 @@ def test_split_strings_select_in_the_sorted_order(copy):
   before = source.fingerprint()
   os.rename(root / written['train'][0][0], root / 'train' / WNIDS[0] / 'renamed.JPEG')
   assert _source(config).fingerprint() != before
+
+
+# ----------------------------------------------------------------------------
+# python -m resnet_jax.evaluate on the folders.
+
+
+def test_evaluate_gives_the_top1_and_top5_error_of_an_imagenet_network(copy, tmp_path, capsys):
+  """A ResNet-18 whose head ignores the image (kernel 0) and ranks the classes by its bias:
+  0, 1, 3, 4, 5 first, class 2 last. The validation labels are 0, 0, 1, 1, 2, 2, so the top-1
+  error is 4/6 and the top-5 error 2/6, whatever the pixels."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from resnet_jax import evaluate, models  # pylint: disable=g-import-not-at-top
+  from resnet_jax.weights import loading  # pylint: disable=g-import-not-at-top
+  root, written = copy
+  assert [label for _, label in written['validation']] == [0, 0, 1, 1, 2, 2]
+  init_fn, _ = models.functional('resnet18')
+  variables = jax.tree.map(np.asarray, init_fn(jax.random.key(0), (1, 32, 32, 3)))
+  bias = np.zeros(1000, np.float32)
+  bias[[0, 1, 3, 4, 5, 2]] = [10, 9, 8, 7, 6, -10]
+  variables['params']['head'] = {'kernel': np.zeros((512, 1000), np.float32), 'bias': bias}
+  checkpoint = loading.write_inference_checkpoint(
+      str(tmp_path / 'net'), variables, 'resnet18', {'num_classes': 1000},
+      {'normalize': {'kind': 'imagenet_mean_std'}, 'label_names': None, 'source': {}})
+  out = tmp_path / 'evaluation.json'
+  for ten_crop in (False, True):
+    assert evaluate.main([f'--checkpoint={checkpoint}', f'--data_dir={root}', f'--out={out}',
+                          '--batch_size=20'] + ['--ten_crop'] * ten_crop) == 0
+    measured = json.loads(out.read_text())
+    assert (measured['dataset'], measured['split'], measured['examples']) == (
+        'imagenet2012', 'validation', 6)
+    assert measured['error'] == pytest.approx(100 * 4 / 6)
+    assert measured['top5_error'] == pytest.approx(100 * 2 / 6)
+    assert measured['evaluation'] == ('10-crop' if ten_crop else 'centre crop')
+    assert measured['per_class_error'] == {WNIDS[0]: 0.0, WNIDS[1]: 100.0, WNIDS[2]: 100.0}
+  assert 'top-5 error 33.33% (10-crop)' in capsys.readouterr().out
+  # A CIFAR split string for an ImageNet network is a clear error, status 2.
+  assert evaluate.main([f'--checkpoint={checkpoint}', f'--data_dir={root}',
+                        '--split=test']) == 2
+  assert "there is no split 'test'" in capsys.readouterr().err

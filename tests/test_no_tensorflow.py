@@ -106,14 +106,26 @@ def test_training_on_imagenet_class_folders_writes_every_output(tmp_path):
           '--config.num_train_steps=2', '--config.log_every_steps=1',
           '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
           '--config.progress_bar=False']
-  # A complete copy of ILSVRC-2012 patched down to the 3 classes written here.
+  # A complete copy of ILSVRC-2012 patched down to the 3 classes written here; then the
+  # evaluate command on the run's workdir.
+  evaluation = tmp_path / 'evaluation.json'
   _python("import runpy\n"
           "from resnet_jax.data import imagenet_files\n"
+          "from resnet_jax import evaluate\n"
           "imagenet_files._EXPECTED = {'classes': 3, 'train': 12, 'validation': 6}\n"
           f"sys.argv = ['resnet_jax.main', *{args!r}]\n"
-          "runpy.run_module('resnet_jax.main', run_name='__main__')")
+          "try:\n"
+          "  runpy.run_module('resnet_jax.main', run_name='__main__')\n"
+          "except SystemExit as e:\n"
+          "  assert not e.code, e.code\n"
+          f"assert evaluate.main(['--workdir={workdir}', \"--data_dir={tmp_path / 'data'}\", "
+          f"'--out={evaluation}']) == 0\n")
   result = json.loads((workdir / 'result.json').read_text())
   assert (result['steps'], result['data'], result['test_examples']) == (2, 'imagenet2012', 6)
+  # The run's own validation images and normalisation: its own test error.
+  measured = json.loads(evaluation.read_text())
+  assert (measured['split'], measured['examples']) == ('validation', 6)
+  assert measured['error'] == pytest.approx(result['test_error'], abs=1e-9)
   assert [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
           if 'train_loss' in json.loads(l)] == [1, 2]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']

@@ -86,10 +86,11 @@ def pca_lighting_offset(alpha: np.ndarray) -> np.ndarray:
 
 
 def resized_shape(h: int, w: int, shorter_to: int) -> tuple[int, int]:
-  """(height, width) of an h x w image whose shorter side is resized to `shorter_to`."""
+  """(height, width) of an h x w image whose shorter side is resized to `shorter_to`; the
+  longer side is truncated, as torchvision's Resize(shorter_to) does."""
   if h <= w:
-    return shorter_to, max(shorter_to, round(w * shorter_to / h))
-  return max(shorter_to, round(h * shorter_to / w)), shorter_to
+    return shorter_to, max(shorter_to, int(w * shorter_to / h))
+  return max(shorter_to, int(h * shorter_to / w)), shorter_to
 
 
 def _how_to_get(data_dir: str) -> str:

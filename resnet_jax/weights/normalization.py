@@ -76,7 +76,8 @@ def from_spec(spec: dict[str, Any], stats: dict[str, np.ndarray] | None = None) 
 
 
 def run_statistics(config, data_dir: str | None = None) -> dict[str, Any]:
-  """A finished run's normalisation, recomputed from its training split.
+  """A finished run's normalisation, recomputed from its training split (ImageNet runs use
+  constants: nothing is read, and there is no fingerprint to compare).
 
   `config` is the run's config (ConfigDict or the dict a checkpoint stores);
   `data_dir` replaces `config.data.data_dir` when the data has moved. Returns
@@ -90,6 +91,17 @@ def run_statistics(config, data_dir: str | None = None) -> dict[str, Any]:
     config = ml_collections.ConfigDict(config)
   if data_dir is not None:
     config.data.data_dir = data_dir
+  if config.data.dataset == 'imagenet2012' and config.data.source != 'synthetic':
+    # ImageNet runs normalise with constants (data/imagenet_files.py), so no data is read.
+    from resnet_jax.data import imagenet_files  # pylint: disable=g-import-not-at-top
+    mean = np.asarray(imagenet_files.IMAGENET_MEAN_RGB, np.float64)
+    stats = {'pixel_mean': mean, 'channel_mean': mean,
+             'channel_std': np.asarray(imagenet_files.IMAGENET_STD_RGB, np.float64)}
+    # The mean image is constant: 'pixel_mean' is 'channel_mean' at any image size.
+    kind = {'pixel_mean': 'channel_mean'}.get(config.data.normalization,
+                                              config.data.normalization)
+    return {'spec': {'kind': kind}, 'stats': stats, 'label_names': None,
+            'fingerprint': {}, 'source': 'imagenet2012'}
   config.data.prefetch = 0
   source = data.create_data_source(config, process_index=0, process_count=1, num_devices=1)
   if source.synthetic or not hasattr(source, 'stats'):
