@@ -4,7 +4,7 @@ ImageNet's class folders.
     python -m resnet_jax.evaluate --pretrained=cifar_resnet20 --data_dir=/data/cifar10
     python -m resnet_jax.evaluate --workdir=workdirs/cifar_resnet20 [--best] --data_dir=/data/cifar10
     python -m resnet_jax.evaluate --pretrained=NAME --data_dir=DIR --split='train[45000:]' --out=e.json
-    python -m resnet_jax.evaluate --checkpoint=converted/resnet50 --data_dir=/data/imagenet [--ten_crop]
+    python -m resnet_jax.evaluate --checkpoint=converted/resnet50 --data_dir=/data/imagenet [--ten_crop | --multi_scale]
 
 The network comes as `predict` takes it (shipped weights, a run's workdir, or
 one checkpoint directory, such as `resnet_jax.convert`'s torchvision weights);
@@ -15,7 +15,10 @@ networks read DIR/train and DIR/val class folders (imagenet_files.py) and see
 the centre 224x224 crop of the image resized to 256 on its shorter side (as
 torchvision's evaluation does; a run's own image_size and eval_resize where
 its config is known), or with --ten_crop the 4 corner and centre crops and
-their flips, softmax scores averaged. It prints the top-1 error
+their flips, softmax scores averaged (the paper's Table 3), or with
+--multi_scale the whole image with its shorter side at 224, 256, 384, 480 and
+640 (the longer side to the nearest multiple of 32), scores averaged (the
+paper's fully convolutional testing, Table 4; --scales=... for others). It prints the top-1 error
 (ImageNet: and top-5), the number of images and each class's error.
 
 Shipped weights state the test error their run measured, and on which split:
@@ -73,12 +76,14 @@ def _dataset_and_split(net: dict[str, Any], dataset: str | None,
 
 
 def _imagenet_probabilities(net: dict[str, Any], data_dir: str, split: str, batch_size: int,
-                            ten_crop: bool) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], str]:
+                            ten_crop: bool, scales: tuple[int, ...] = ()
+                            ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], str]:
   """(softmax scores [N, classes], labels, the class folders' names, where) of an ImageNet
-  split, each image decoded as the evaluation of an ImageNet run decodes it."""
+  split: each image decoded as the evaluation of an ImageNet run decodes it (centre crop or
+  10 crops), or with `scales` whole at each scale (the paper's multi-scale testing)."""
   from resnet_jax import configs  # pylint: disable=g-import-not-at-top
   from resnet_jax.data import imagenet_files  # pylint: disable=g-import-not-at-top
-  from resnet_jax.predict import classify  # pylint: disable=g-import-not-at-top
+  from resnet_jax.predict import classifier  # pylint: disable=g-import-not-at-top
   listings, wnids, where = imagenet_files.load(data_dir)
   rows = imagenet_files.Rows(split, listings, '--split')
   d = configs.imagenet('resnet50').data  # 256 on the shorter side, 224 crops
@@ -86,21 +91,28 @@ def _imagenet_probabilities(net: dict[str, Any], data_dir: str, split: str, batc
   d.image_size = int(recorded.get('image_size', d.image_size))
   d.eval_resize = int(recorded.get('eval_resize', d.eval_resize))
   d.ten_crop = ten_crop
+  probabilities = classifier(net)
+  if scales:  # one image at a time (images differ in shape), its scales averaged
+    def scores(i):
+      return np.mean([probabilities(imagenet_files.whole_image(rows.path(i), s)[None], 1)[0]
+                      for s in scales], axis=0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # decodes the next image meanwhile
+      return (np.stack(list(pool.map(scores, range(len(rows))))), rows.labels, wnids, where)
   crops = 10 if ten_crop else 1
   size = max(1, batch_size // crops)  # images per batch
-  scores = []
+  out = []
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
     for start in range(0, len(rows), size):
       images = np.stack(list(pool.map(lambda i: imagenet_files.eval_image(rows.path(i), d),
                                       range(start, min(start + size, len(rows))))))
-      probs = classify(net, images.reshape(-1, *images.shape[-3:]), batch_size=size * crops)
-      scores.append(probs.reshape(len(images), crops, -1).mean(1))
-  return np.concatenate(scores), rows.labels, wnids, where
+      probs = probabilities(images.reshape(-1, *images.shape[-3:]), size * crops)
+      out.append(probs.reshape(len(images), crops, -1).mean(1))
+  return np.concatenate(out), rows.labels, wnids, where
 
 
 def evaluate(net: dict[str, Any], data_dir: str, *, dataset: str | None = None,
              split: str | None = None, batch_size: int = 500,
-             ten_crop: bool = False) -> dict[str, Any]:
+             ten_crop: bool = False, scales: tuple[int, ...] = ()) -> dict[str, Any]:
   """{'error', 'examples', 'split', 'dataset', 'data', 'per_class_error'} of `net` on one split
   (ImageNet: also 'top5_error' and 'evaluation')."""
   from resnet_jax.data import base, cifar_files  # pylint: disable=g-import-not-at-top
@@ -112,15 +124,20 @@ def evaluate(net: dict[str, Any], data_dir: str, *, dataset: str | None = None,
                      f'{base.NUM_CLASSES[dataset]}: give the --dataset it was trained on.')
   extra = {}
   if dataset == 'imagenet2012':
+    if ten_crop and scales:
+      raise ValueError('Choose --ten_crop or --multi_scale/--scales, not both.')
     scores, labels, folder_names, where = _imagenet_probabilities(net, data_dir, split,
-                                                                  batch_size, ten_crop)
+                                                                  batch_size, ten_crop, scales)
     names = net.get('label_names') or folder_names
     top5 = np.argsort(-scores, axis=-1)[:, :5]
+    evaluation = ('multi-scale ' + '/'.join(map(str, scales)) if scales
+                  else '10-crop' if ten_crop else 'centre crop')
     extra = {'top5_error': 100.0 * float(np.mean(~(top5 == labels[:, None]).any(-1))),
-             'evaluation': '10-crop' if ten_crop else 'centre crop'}
+             'evaluation': evaluation}
   else:
-    if ten_crop:
-      raise ValueError('--ten_crop is for ImageNet networks; CIFAR networks see the whole image.')
+    if ten_crop or scales:
+      raise ValueError('--ten_crop and --multi_scale are for ImageNet networks; CIFAR networks '
+                       'see the whole image.')
     splits, _, where = cifar_files.load(data_dir, dataset)
     images, labels = base.resolve_split(split, splits, '--split')
     scores = classify(net, images, batch_size=batch_size)
@@ -154,17 +171,26 @@ def main(argv: list[str] | None = None) -> int:
                       help='Network inputs per batch (a 10-crop image counts 10).')
   parser.add_argument('--ten_crop', action='store_true',
                       help='ImageNet: average the scores of 10 crops (the paper\'s Table 3).')
+  parser.add_argument('--multi_scale', action='store_true',
+                      help='ImageNet: the whole image with its shorter side at 224, 256, 384, '
+                           '480 and 640, scores averaged (the paper\'s Table 4).')
+  parser.add_argument('--scales', default='',
+                      help='ImageNet: multi-scale testing at these shorter sides, e.g. 256,384.')
   parser.add_argument('--tolerance', type=float, default=0.1,
                       help='Percentage points allowed between the stated and the measured error.')
   parser.add_argument('--out', help='Also write the figures to this JSON file.')
   args = parser.parse_args(argv)
   from resnet_jax.data.base import DataError  # pylint: disable=g-import-not-at-top
   try:
+    scales = tuple(int(v) for v in args.scales.split(',') if v.strip()) if args.scales else ()
+    if args.multi_scale and not scales:
+      from resnet_jax.data.imagenet_files import PAPER_TEST_SCALES  # pylint: disable=g-import-not-at-top
+      scales = PAPER_TEST_SCALES
     net = load_network(pretrained=args.pretrained, workdir=args.workdir,
                        checkpoint=args.checkpoint, best=args.best,
                        weights_dir=args.weights_dir, data_dir=args.run_data_dir)
     out = evaluate(net, args.data_dir, dataset=args.dataset, split=args.split,
-                   batch_size=args.batch_size, ten_crop=args.ten_crop)
+                   batch_size=args.batch_size, ten_crop=args.ten_crop, scales=scales)
   except (ValueError, OSError, RuntimeError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

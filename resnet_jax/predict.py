@@ -111,25 +111,34 @@ def class_name(net: dict[str, Any], index: int) -> str:
   return names[index] if names else f'class {index}'
 
 
-def classify(net: dict[str, Any], images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-  """Class probabilities [N, classes] of uint8 RGB images [N, H, W, 3]."""
+def classifier(net: dict[str, Any]):
+  """`classify` for one network, compiled once per input shape: a function
+  (images [N, H, W, 3] uint8 RGB, or float32 on the 0..255 scale; batch_size) -> probabilities."""
   import jax  # pylint: disable=g-import-not-at-top
   from resnet_jax import models  # pylint: disable=g-import-not-at-top
   _, apply_fn = models.functional(net['model'], **net['model_kwargs'])
   apply_fn = jax.jit(apply_fn)
-  size = min(batch_size, len(images))
-  out = []
-  for start in range(0, len(images), size):
-    chunk = net['normalize'](images[start:start + size])
-    n = len(chunk)
-    if n < size:  # one shape, one compilation
-      chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
-    logits = np.asarray(apply_fn(net['variables'], chunk), np.float64)[:n]
-    out.append(logits)
-  logits = np.concatenate(out)
-  logits -= logits.max(-1, keepdims=True)
-  probs = np.exp(logits)
-  return probs / probs.sum(-1, keepdims=True)
+
+  def probabilities(images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    size = min(batch_size, len(images))
+    out = []
+    for start in range(0, len(images), size):
+      chunk = net['normalize'](images[start:start + size])
+      n = len(chunk)
+      if n < size:  # one shape, one compilation
+        chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
+      out.append(np.asarray(apply_fn(net['variables'], chunk), np.float64)[:n])
+    logits = np.concatenate(out)
+    logits -= logits.max(-1, keepdims=True)
+    probs = np.exp(logits)
+    return probs / probs.sum(-1, keepdims=True)
+
+  return probabilities
+
+
+def classify(net: dict[str, Any], images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+  """Class probabilities [N, classes] of uint8 RGB images [N, H, W, 3]."""
+  return classifier(net)(images, batch_size)
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:

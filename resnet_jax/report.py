@@ -248,7 +248,9 @@ def write_report(results_dir: str, out_dir: str | None = None, *,
   if imagenet:
     md += ['## ImageNet (Tables 3 and 4)', '', imagenet_table(groups), '',
            'Top-1/top-5 error (%) on the validation set. Table 3 uses 10-crop testing; Table 4 '
-           'fully convolutional multi-scale testing (not implemented here), for reference only.',
+           'fully convolutional multi-scale testing, which training runs do not do (measure a '
+           'run with python -m resnet_jax.evaluate --workdir=RUN --data_dir=IMAGENET '
+           '--multi_scale); its numbers are for reference only.',
            '']
   if cifar:
     fig6 = os.path.join(out_dir, 'fig6_curves.png')

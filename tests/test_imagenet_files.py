@@ -193,6 +193,20 @@ def test_training_images_are_random_crops_flips_and_lighting_drawn_from_the_rng(
     _assert_close(plain[:, ::-1] if flip else plain, _reference_crop(array, resize_to, 16, y, x))
 
 
+def test_multi_scale_testing_sees_the_whole_image_at_each_scale(tmp_path):
+  array = gradient(40, 30, seed=4)
+  path = tmp_path / 'image.png'
+  Image.fromarray(array).save(path)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  whole = imagenet_files.whole_image(epath.Path(path), 32, multiple=16)
+  # 30 -> 32 on the shorter side; 40 -> 42.7, to the nearest multiple of 16: 48.
+  assert whole.shape == (32, 48, 3)
+  _assert_close(whole, np.asarray(Image.fromarray(array).resize((48, 32), Image.BILINEAR),
+                                  np.float32))
+  assert imagenet_files.whole_image(epath.Path(path), 32, multiple=1).shape == (32, 42, 3)
+  assert imagenet_files.PAPER_TEST_SCALES == (224, 256, 384, 480, 640)
+
+
 # ----------------------------------------------------------------------------
 # The source: batches, determinism, processes, evaluation.
 
@@ -279,17 +293,18 @@ def test_evaluate_gives_the_top1_and_top5_error_of_an_imagenet_network(copy, tmp
       str(tmp_path / 'net'), variables, 'resnet18', {'num_classes': 1000},
       {'normalize': {'kind': 'imagenet_mean_std'}, 'label_names': None, 'source': {}})
   out = tmp_path / 'evaluation.json'
-  for ten_crop in (False, True):
+  for flags, evaluation in (([], 'centre crop'), (['--ten_crop'], '10-crop'),
+                            (['--scales=32,48'], 'multi-scale 32/48')):
     assert evaluate.main([f'--checkpoint={checkpoint}', f'--data_dir={root}', f'--out={out}',
-                          '--batch_size=20'] + ['--ten_crop'] * ten_crop) == 0
+                          '--batch_size=20', *flags]) == 0
     measured = json.loads(out.read_text())
     assert (measured['dataset'], measured['split'], measured['examples']) == (
         'imagenet2012', 'validation', 6)
     assert measured['error'] == pytest.approx(100 * 4 / 6)
     assert measured['top5_error'] == pytest.approx(100 * 2 / 6)
-    assert measured['evaluation'] == ('10-crop' if ten_crop else 'centre crop')
+    assert measured['evaluation'] == evaluation
     assert measured['per_class_error'] == {WNIDS[0]: 0.0, WNIDS[1]: 100.0, WNIDS[2]: 100.0}
-  assert 'top-5 error 33.33% (10-crop)' in capsys.readouterr().out
+  assert 'top-5 error 33.33% (multi-scale 32/48)' in capsys.readouterr().out
   # A CIFAR split string for an ImageNet network is a clear error, status 2.
   assert evaluate.main([f'--checkpoint={checkpoint}', f'--data_dir={root}',
                         '--split=test']) == 2

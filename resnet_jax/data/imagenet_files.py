@@ -232,22 +232,24 @@ def _open(path):
                     'with the file from the original archive.') from e
 
 
-def crops(path, resized: tuple[int, int], corners: list[tuple[int, int]], size: int,
-          image=None) -> np.ndarray:
-  """uint8 [len(corners), size, size, 3]: the size x size crops at the top-left `corners`
-  (y, x) of the image at `path` (already opened: `image`) resized to `resized` (height, width),
-  bilinear. Only the crops are resized (Pillow's `box`), which gives the pixels that resizing
-  the whole image and then cropping gives."""
+def crops(path, resized: tuple[int, int], corners: list[tuple[int, int]],
+          size: int | tuple[int, int], image=None) -> np.ndarray:
+  """uint8 [len(corners), size, size, 3] (or [.., height, width, 3] for a (height, width)
+  `size`): the crops at the top-left `corners` (y, x) of the image at `path` (already opened:
+  `image`) resized to `resized` (height, width), bilinear. Only the crops are resized
+  (Pillow's `box`), which gives the pixels that resizing the whole image and then cropping
+  gives."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   image = _open(path) if image is None else image
   height, width = resized
+  size_h, size_w = (size, size) if isinstance(size, int) else size
   try:
     if image.format == 'JPEG' and min(image.size) >= 2 * min(resized):
       image.draft('RGB', (width, height))  # a DCT scale that keeps at least this size
     sx, sy = width / image.size[0], height / image.size[1]
     image = image.convert('RGB')
-    out = [np.asarray(image.resize((size, size), Image.BILINEAR,
-                                   box=(x / sx, y / sy, (x + size) / sx, (y + size) / sy)))
+    out = [np.asarray(image.resize((size_w, size_h), Image.BILINEAR,
+                                   box=(x / sx, y / sy, (x + size_w) / sx, (y + size_h) / sy)))
            for y, x in corners]
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'{path} cannot be decoded ({type(e).__name__}: {e}); replace it with the '
@@ -287,6 +289,28 @@ def eval_image(path, d) -> np.ndarray:
   five = crops(path, (height, width), [(0, 0), (0, dx), (dy, 0), (dy, dx), centre],
                d.image_size, image)
   return np.concatenate([five, five[:, :, ::-1]]).astype(np.float32)
+
+
+# The paper's multi-scale testing (Table 4): the whole image ("fully convolutional"), its
+# shorter side at each of these sizes, softmax scores averaged.
+PAPER_TEST_SCALES = (224, 256, 384, 480, 640)
+
+
+def whole_image(path, shorter_to: int, multiple: int = 32) -> np.ndarray:
+  """float32 [H, W, 3]: the whole image at `path`, its shorter side resized to `shorter_to` and
+  its longer side to the multiple of `multiple` nearest to the aspect ratio's (at least
+  `multiple`), so that the images of a split come in a few shapes (one compilation each)
+  and the network's stride-32 maps cover them exactly; multiple=1 keeps the aspect ratio."""
+  image = _open(path)
+  w, h = image.size
+  height, width = resized_shape(h, w, shorter_to)
+  def nearest(n):
+    return max(multiple, int(round(n / multiple)) * multiple) if multiple > 1 else n
+  if h <= w:
+    width = nearest(width)
+  else:
+    height = nearest(height)
+  return crops(path, (height, width), [(0, 0)], (height, width), image)[0].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
