@@ -193,6 +193,25 @@ def test_training_images_are_random_crops_flips_and_lighting_drawn_from_the_rng(
     _assert_close(plain[:, ::-1] if flip else plain, _reference_crop(array, resize_to, 16, y, x))
 
 
+def test_imagenets_odd_files_cmyk_greyscale_and_png_named_jpeg_become_rgb(tmp_path):
+  """ImageNet's training set holds CMYK and greyscale JPEGs and a PNG named .JPEG."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  rgb = Image.fromarray(gradient(40, 30, seed=5))
+  d = _config(tmp_path).data
+  for name, image, fmt in (('cmyk.JPEG', rgb.convert('CMYK'), 'JPEG'),
+                           ('grey.JPEG', rgb.convert('L'), 'JPEG'),
+                           ('png.JPEG', rgb, 'PNG')):
+    image.save(tmp_path / name, fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
+    out = imagenet_files.eval_image(epath.Path(tmp_path / name), d)
+    assert out.shape == (16, 16, 3), name
+    reference = _reference_crop(np.asarray(image.convert('RGB')), 18, 16, 'centre', 'centre')
+    assert np.abs(out - reference).mean() < 2.0, name
+    if name == 'grey.JPEG':
+      np.testing.assert_array_equal(out[..., 0], out[..., 2])
+    assert imagenet_files.train_image(epath.Path(tmp_path / name), np.random.default_rng(0),
+                                      d).shape == (16, 16, 3)
+
+
 def test_multi_scale_testing_sees_the_whole_image_at_each_scale(tmp_path):
   array = gradient(40, 30, seed=4)
   path = tmp_path / 'image.png'
