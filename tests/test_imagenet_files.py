@@ -284,8 +284,10 @@ def test_split_strings_select_in_the_sorted_order(copy):
   test = next(iter(source.eval_batches('test')))
   expected = [written['validation'][i][1] for i in (0, 1, 5)]
   assert test['label'][:3].tolist() == expected
-  # The fingerprint a checkpoint records changes with the listing.
+  # The fingerprint a checkpoint records follows the training files, and only them.
   before = source.fingerprint()
+  os.rename(root / written['validation'][0][0], root / 'val' / WNIDS[0] / 'renamed.JPEG')
+  assert _source(config).fingerprint() == before
   os.rename(root / written['train'][0][0], root / 'train' / WNIDS[0] / 'renamed.JPEG')
   assert _source(config).fingerprint() != before
 

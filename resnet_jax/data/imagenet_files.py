@@ -126,12 +126,6 @@ class Listing:
   def path(self, i: int):
     return self.root / self.names[i].decode()
 
-  def digest(self) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    h.update(b'\n'.join(self.names.tolist()))
-    h.update(self.labels.tobytes())
-    return h.hexdigest()
-
 
 def _class_folders(root, split_dir, wnids: list[str] | None) -> Listing:
   names, labels = [], []
@@ -333,6 +327,14 @@ class Rows:
   def path(self, i: int):
     return self._listings[self._part[i]].path(int(self._index[i]))
 
+  def digest(self) -> str:
+    """A short digest of the selected files' names and labels, in order."""
+    h = hashlib.blake2b(digest_size=12)
+    for part, listing in enumerate(self._listings):
+      h.update(b'\n'.join(listing.names[self._index[self._part == part]].tolist()))
+    h.update(self.labels.tobytes())
+    return h.hexdigest()
+
 
 class ImageNetFilesSource(base.DataSource):
   """ImageNet from class folders; see the module docstring."""
@@ -352,14 +354,10 @@ class ImageNetFilesSource(base.DataSource):
     self.mean, self.scale = imagenet_normalizer(d.normalization)
     threads = d.num_parallel_calls if d.num_parallel_calls > 0 else (os.cpu_count() or 1)
     self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix='imagenet')
-    self._listings = listings
 
   def fingerprint(self) -> dict[str, object]:
-    digest = hashlib.blake2b(digest_size=12)
-    for listing in self._listings.values():
-      digest.update(listing.digest().encode())
-    digest.update(self._d.train_split.encode())
-    return {'examples': self.num_train_examples, 'digest': digest.hexdigest()}
+    """The training split's size and a digest of its files (a checkpoint records both)."""
+    return {'examples': self.num_train_examples, 'digest': self._train.digest()}
 
   def normalize(self, images: np.ndarray) -> np.ndarray:
     return ((images - self.mean) * self.scale).astype(np.float32)
