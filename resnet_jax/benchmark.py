@@ -168,8 +168,9 @@ def load_torch_reference():
 def _pipeline(config) -> dict[str, Any]:
   """Training-batch throughput of the config's input pipeline.
 
-  Real data where it is prepared; otherwise the same CIFAR code path on
-  generated CIFAR-shaped data, labelled as such.
+  Real data where it is prepared; otherwise, labelled as such, the same CIFAR code path on
+  generated CIFAR-shaped data, or ImageNet's preprocessing on generated JPEGs (tf.data, or
+  Pillow's for source='files' and where TensorFlow is not installed).
   """
   try:
     if config.data.source == 'synthetic':
@@ -182,8 +183,13 @@ def _pipeline(config) -> dict[str, Any]:
       out['name'] = 'cifar10 code path on generated data'
       return out
     if config.data.dataset == 'imagenet2012':
-      out = benchmark_input.jpeg_throughput(config)
-      out['name'] = 'imagenet preprocessing on generated JPEGs'
+      import importlib.util  # pylint: disable=g-import-not-at-top
+      if config.data.source == 'files' or importlib.util.find_spec('tensorflow') is None:
+        out = benchmark_input.files_jpeg_throughput(config)
+        out['name'] = 'imagenet files preprocessing (Pillow) on generated JPEGs'
+      else:
+        out = benchmark_input.jpeg_throughput(config)
+        out['name'] = 'imagenet preprocessing on generated JPEGs'
       return out
     raise
 

@@ -28,6 +28,12 @@ def _python(code, timeout=900):
   return out.stdout
 
 
+def _python_fails(code, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-c', _NO_TF + code], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def _main(*args):
   return _python(f"import runpy; sys.argv = ['resnet_jax.main', *{list(args)!r}]\n"
                  "runpy.run_module('resnet_jax.main', run_name='__main__')")
@@ -129,3 +135,28 @@ def test_training_on_imagenet_class_folders_writes_every_output(tmp_path):
   assert [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
           if 'train_loss' in json.loads(l)] == [1, 2]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+
+
+@pytest.mark.parametrize('experiment,names', [
+    ('cifar_resnet20.py', 'cifar-10-batches-py/'), ('imagenet_resnet50.py', 'train/<wnid>/')])
+def test_the_tfds_source_without_tensorflow_is_one_error_line_naming_the_files_source(
+    tmp_path, experiment, names):
+  workdir = tmp_path / 'run'
+  out = _python_fails("import runpy\n"
+                      f"sys.argv = ['resnet_jax.main', '--config=experiments/{experiment}', "
+                      f"'--workdir={workdir}']\n"
+                      "runpy.run_module('resnet_jax.main', run_name='__main__')")
+  assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert "config.data.source='tfds' needs TensorFlow and tensorflow-datasets" in out.stderr
+  assert '--config.data.source=files' in out.stderr and names in out.stderr
+  assert not workdir.exists()
+
+
+def test_the_imagenet_benchmark_measures_the_pillow_pipeline_without_tensorflow():
+  out = _python("from resnet_jax import benchmark, configs\n"
+                "c = configs.imagenet('resnet50', batch_size=4)\n"
+                "c.data.update(image_size=16, min_resize=18, max_resize=24)\n"
+                "r = benchmark._pipeline(c)\n"
+                "print(r['name'], r['batch_size'])")
+  assert 'imagenet files preprocessing (Pillow) on generated JPEGs 4' in out

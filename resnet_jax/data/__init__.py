@@ -57,10 +57,28 @@ def create_data_source(config, *, process_index: int | None = None,
   if d.source == 'files':
     return cifar_files.files_source(config, **kw)
   if d.dataset in IN_MEMORY_DATASETS:
-    from resnet_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    return tfds_source.in_memory_source(config, **kw)
-  from resnet_jax.data import imagenet  # pylint: disable=g-import-not-at-top
-  return imagenet.ImageNetSource(config, **kw)
+    return _tfds_module('tfds_source', d.dataset).in_memory_source(config, **kw)
+  return _tfds_module('imagenet', d.dataset).ImageNetSource(config, **kw)
+
+
+def _tfds_module(name: str, dataset: str):
+  """resnet_jax.data.<name>, which imports TensorFlow; a DataError naming the TensorFlow-free
+  sources where TensorFlow or tensorflow-datasets is not installed."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  try:
+    return importlib.import_module(f'resnet_jax.data.{name}')
+  except ImportError as e:
+    if not (e.name or '').startswith('tensorflow'):
+      raise
+    where = ("CIFAR from the official files: --config.data.source=files "
+             "--config.data.data_dir=DIR, DIR holding cifar-10-batches-py/ (what torchvision "
+             "and Keras download), cifar-10-batches-bin/ or either .tar.gz" if dataset != 'imagenet2012'
+             else "ImageNet from its class folders: --config.data.source=files "
+                  "--config.data.data_dir=DIR, DIR holding train/<wnid>/ and val/<wnid>/")
+    raise DataError(
+        f"config.data.source='tfds' needs TensorFlow and tensorflow-datasets, and {e.name} is "
+        f"not installed here ({e}). Either install them (pip install tensorflow-cpu "
+        f"tensorflow-datasets), or read {where}; 'digits' and 'synthetic' need neither.") from e
 
 
 def check_config(config, process_index: int = 0, process_count: int = 1) -> None:
