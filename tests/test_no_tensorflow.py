@@ -45,7 +45,8 @@ def test_the_blocker_blocks():
 
 
 def test_the_commands_and_the_package_import_without_tensorflow():
-  modules = ['resnet_jax', 'resnet_jax.data', 'resnet_jax.training.loop', 'resnet_jax.main',
+  modules = ['resnet_jax', 'resnet_jax.data', 'resnet_jax.data.cifar_files',
+             'resnet_jax.data.imagenet_files', 'resnet_jax.training.loop', 'resnet_jax.main',
              'resnet_jax.sweep', 'resnet_jax.report', 'resnet_jax.benchmark',
              'resnet_jax.benchmark_input', 'resnet_jax.benchmark_gpu', 'resnet_jax.analysis',
              'resnet_jax.summary', 'resnet_jax.predict', 'resnet_jax.evaluate',
