@@ -20,7 +20,6 @@ import argparse
 import concurrent.futures
 import io
 import itertools
-import os
 import tempfile
 import time
 
@@ -109,7 +108,7 @@ def files_jpeg_throughput(config, num_batches: int = 10, warmup: int = 2,
   from etils import epath  # pylint: disable=g-import-not-at-top
   from resnet_jax.data import base, imagenet_files  # pylint: disable=g-import-not-at-top
   d, size = config.data, config.batch_size
-  threads = d.num_parallel_calls if d.num_parallel_calls > 0 else (os.cpu_count() or 1)
+  threads = imagenet_files.decode_threads(d)
   jpegs = random_jpegs(num_images)
   with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(threads) as pool:
     paths = []

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import sys
 from typing import Any
 
@@ -42,13 +41,20 @@ import numpy as np
 from resnet_jax.predict import add_network_arguments, load_network
 
 
+def _run_data(net: dict[str, Any]) -> dict[str, Any]:
+  """The data config of the run `net` comes from: shipped weights keep it under 'source',
+  a checkpoint under 'config'; {} where unknown (converted weights)."""
+  config = (net.get('source') or {}).get('config') or net.get('config') or {}
+  return config.get('data') or {}
+
+
 def stated_on(net: dict[str, Any]) -> tuple[str | None, str]:
-  """(dataset, split) that the run of shipped weights measured its test error on.
+  """(dataset, split) that the run of `net` measured its test error on.
 
   The dataset is None where unknown (weights without a run config); the split
   defaults to 'test'.
   """
-  recorded = ((net.get('source') or {}).get('config') or {}).get('data') or {}
+  recorded = _run_data(net)
   return recorded.get('dataset'), recorded.get('test_split') or 'test'
 
 
@@ -87,7 +93,7 @@ def _imagenet_probabilities(net: dict[str, Any], data_dir: str, split: str, batc
   listings, wnids, where = imagenet_files.load(data_dir)
   rows = imagenet_files.Rows(split, listings, '--split')
   d = configs.imagenet('resnet50').data  # 256 on the shorter side, 224 crops
-  recorded = (net.get('config') or {}).get('data') or {}  # a run's own sizes, where known
+  recorded = _run_data(net)  # a run's own sizes, where known
   d.image_size = int(recorded.get('image_size', d.image_size))
   d.eval_resize = int(recorded.get('eval_resize', d.eval_resize))
   d.ten_crop = ten_crop
@@ -101,7 +107,7 @@ def _imagenet_probabilities(net: dict[str, Any], data_dir: str, split: str, batc
   crops = 10 if ten_crop else 1
   size = max(1, batch_size // crops)  # images per batch
   out = []
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+  with concurrent.futures.ThreadPoolExecutor(imagenet_files.decode_threads(d)) as pool:
     for start in range(0, len(rows), size):
       images = np.stack(list(pool.map(lambda i: imagenet_files.eval_image(rows.path(i), d),
                                       range(start, min(start + size, len(rows))))))

@@ -159,10 +159,6 @@ class ArraySource(base.DataSource):
   def normalize(self, images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) - self.mean) * self.scale
 
-  def permutation(self, epoch: int) -> np.ndarray:
-    """The order in which epoch `epoch` reads the training split."""
-    return base.rng(self.seed, base.PERMUTATION, epoch).permutation(self.num_train_examples)
-
   def train_indices(self, step: int, permutation: np.ndarray | None = None) -> np.ndarray:
     """Rows of the training arrays in the global batch of `step`."""
     epoch, i = divmod(step, self.steps_per_epoch)
@@ -183,16 +179,6 @@ class ArraySource(base.DataSource):
       offsets, flips = self.augment_params(step)
       images = crop_and_flip(images, self.pad, offsets[rows], flips[rows])
     return {'image': images, 'label': self.train_arrays[1][idx]}
-
-  def steps_and_permutations(self, start_step: int = 0):
-    """(step, its epoch's permutation) for steps start_step, start_step + 1, ...; each
-    permutation is drawn once per epoch."""
-    epoch, permutation = None, None
-    for step in itertools.count(start_step):
-      if step // self.steps_per_epoch != epoch:
-        epoch = step // self.steps_per_epoch
-        permutation = self.permutation(epoch)
-      yield step, permutation
 
   def train_batches(self, start_step: int = 0):
     return base.prefetch((self.train_batch(step, permutation)

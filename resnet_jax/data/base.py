@@ -20,6 +20,7 @@ changes a number.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import re
@@ -102,6 +103,20 @@ class DataSource:
   def fingerprint(self) -> dict[str, object]:
     """What identifies the training set; a checkpoint records it and a resumed run must match."""
     return {'examples': self.num_train_examples}
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` reads the training split (sources that index it)."""
+    return rng(self.seed, PERMUTATION, epoch).permutation(self.num_train_examples)
+
+  def steps_and_permutations(self, start_step: int = 0):
+    """(step, its epoch's permutation) for steps start_step, start_step + 1, ...; each
+    permutation is drawn once per epoch."""
+    epoch, permutation = None, None
+    for step in itertools.count(start_step):
+      if step // self.steps_per_epoch != epoch:
+        epoch = step // self.steps_per_epoch
+        permutation = self.permutation(epoch)
+      yield step, permutation
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """{'image': float32 [B_local, H, W, C], 'label': int32 [B_local]} for

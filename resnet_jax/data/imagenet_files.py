@@ -93,6 +93,11 @@ def resized_shape(h: int, w: int, shorter_to: int) -> tuple[int, int]:
   return max(shorter_to, int(h * shorter_to / w)), shorter_to
 
 
+def decode_threads(d) -> int:
+  """Threads that decode images: config.data.num_parallel_calls, or one per CPU core."""
+  return d.num_parallel_calls if d.num_parallel_calls > 0 else (os.cpu_count() or 1)
+
+
 def _how_to_get(data_dir: str) -> str:
   return (
       'Two ways to get them:\n'
@@ -127,18 +132,16 @@ class Listing:
     return self.root / self.names[i].decode()
 
 
-def _class_folders(root, split_dir, wnids: list[str] | None) -> Listing:
+def _class_folders(root, folders: list, wnids: list[str]) -> Listing:
+  """The images in `folders` (one split's class folders, sorted), labelled by `wnids`."""
   names, labels = [], []
-  folders = _sorted_dirs(split_dir)
-  if wnids is None:
-    wnids = [f.name for f in folders]
   index = {w: i for i, w in enumerate(wnids)}
   for folder in folders:
     if folder.name not in index:
       raise DataError(f'{folder} is a class folder that {root / "train"} does not have; the '
                       'training and validation folders must hold the same classes.')
     files = sorted(p.name for p in folder.iterdir() if _is_image(p.name))
-    names += [f'{split_dir.name}/{folder.name}/{f}' for f in files]
+    names += [f'{folder.parent.name}/{folder.name}/{f}' for f in files]
     labels += [index[folder.name]] * len(files)
   return Listing(root, names, labels)
 
@@ -185,15 +188,17 @@ def load(data_dir) -> tuple[dict[str, Listing], tuple[str, ...], str]:
   """{'train': Listing, 'validation': Listing}, the class names (wnids) and the folder
   they were read from. Raises DataError when the copy is not complete."""
   root, kaggle_labels = find_root(data_dir)
-  train = _class_folders(root, root / 'train', None)
-  wnids = [d.name for d in _sorted_dirs(root / 'train')]
+  train_folders = _sorted_dirs(root / 'train')
+  wnids = [f.name for f in train_folders]
   if len(wnids) != _EXPECTED['classes']:
     raise DataError(f'{root / "train"} holds {len(wnids):,} class folders; ILSVRC-2012 has '
                     f'{_EXPECTED["classes"]:,}. Extract every per-class tar of '
                     'ILSVRC2012_img_train.tar into its own folder (train/<wnid>/).')
+  train = _class_folders(root, train_folders, wnids)
   val_dir = root / 'val'
-  if _sorted_dirs(val_dir):
-    validation = _class_folders(root, val_dir, wnids)
+  val_folders = _sorted_dirs(val_dir)
+  if val_folders:
+    validation = _class_folders(root, val_folders, wnids)
   elif kaggle_labels is not None:
     validation = _flat_val(root, val_dir, wnids, kaggle_labels)
   else:
@@ -352,8 +357,8 @@ class ImageNetFilesSource(base.DataSource):
                      eval_splits={role: (split, len(rows))
                                   for role, (split, rows) in self._evals.items()}, **kw)
     self.mean, self.scale = imagenet_normalizer(d.normalization)
-    threads = d.num_parallel_calls if d.num_parallel_calls > 0 else (os.cpu_count() or 1)
-    self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix='imagenet')
+    self._pool = concurrent.futures.ThreadPoolExecutor(decode_threads(d),
+                                                       thread_name_prefix='imagenet')
 
   def fingerprint(self) -> dict[str, object]:
     """The training split's size and a digest of its files (a checkpoint records both)."""
@@ -361,9 +366,6 @@ class ImageNetFilesSource(base.DataSource):
 
   def normalize(self, images: np.ndarray) -> np.ndarray:
     return ((images - self.mean) * self.scale).astype(np.float32)
-
-  def permutation(self, epoch: int) -> np.ndarray:
-    return base.rng(self.seed, base.PERMUTATION, epoch).permutation(self.num_train_examples)
 
   def train_batch(self, step: int, permutation: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """This process's share of the global training batch of `step`."""
@@ -379,15 +381,9 @@ class ImageNetFilesSource(base.DataSource):
     return {'image': self.normalize(images), 'label': self._train.labels[rows]}
 
   def train_batches(self, start_step: int = 0):
-    def batches():
-      step, epoch, permutation = start_step, None, None
-      while True:
-        if step // self.steps_per_epoch != epoch:
-          epoch = step // self.steps_per_epoch
-          permutation = self.permutation(epoch)
-        yield self.train_batch(step, permutation)
-        step += 1
-    return base.prefetch(batches(), self._prefetch)
+    return base.prefetch((self.train_batch(step, permutation)
+                          for step, permutation in self.steps_and_permutations(start_step)),
+                         self._prefetch)
 
   def eval_batches(self, role: str):
     self._eval_split(role)
