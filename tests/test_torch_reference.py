@@ -1,4 +1,5 @@
-"""The PyTorch reference used by the speed benchmark is the same network as ours.
+"""The PyTorch reference used by the speed benchmark is the same network as ours, and our
+compiled train step takes the same SGD steps as torch.optim.SGD on it.
 
 Runs only where torch is installed (it is not a dependency):
 `pip install torch==2.13.0` for the CPU build.
