@@ -7,7 +7,7 @@ Reads CIFAR-10 in any official form (`resnet_jax.data.cifar_files`), compresses 
 image at --quality with its 8x8 block grid moved by --shift pixels (so that the new
 compression does not repeat the old one: at the same quality on the same grid JPEG
 nearly reproduces its input), and writes `OUT_DIR/cifar-10-batches-py/` in the
-original order. Train on it with `--config.data.source=files
+original order (`cifar_files.write`). Train on it with `--config.data.source=files
 --config.data.data_dir=OUT_DIR`. Prints the PSNR of the new copy against the old.
 """
 
@@ -15,32 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 
 import numpy as np
 
 from cifar_gap_checks import psnr, recompress  # benchmarks/, beside this file
-
-
-def write_python_layout(out_dir: str, splits: dict, label_names: list[str]) -> str:
-  """The official cifar-10-batches-py files (data_batch_1..5, test_batch, batches.meta)."""
-  folder = os.path.join(out_dir, 'cifar-10-batches-py')
-  os.makedirs(folder, exist_ok=True)
-  for split, names in (('train', [f'data_batch_{k}' for k in range(1, 6)]), ('test', ['test_batch'])):
-    images, labels = splits[split]
-    planes = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
-    for k, name in enumerate(names):
-      rows = slice(10000 * k, 10000 * (k + 1))
-      batch = {b'batch_label': name.encode(), b'labels': [int(v) for v in labels[rows]],
-               b'data': np.ascontiguousarray(planes[rows]),
-               b'filenames': [f'{split}_{10000 * k + i:05d}.png'.encode() for i in range(10000)]}
-      with open(os.path.join(folder, name + '.tmp'), 'wb') as f:
-        pickle.dump(batch, f, protocol=2)
-      os.replace(os.path.join(folder, name + '.tmp'), os.path.join(folder, name))
-  with open(os.path.join(folder, 'batches.meta'), 'wb') as f:
-    pickle.dump({b'label_names': [n.encode() for n in label_names], b'num_cases_per_batch': 10000,
-                 b'num_vis': 3072}, f, protocol=2)
-  return folder
 
 
 def main() -> None:
@@ -62,7 +40,7 @@ def main() -> None:
     p = psnr(again[split][0], images)
     print(f'{split}: PSNR against {where}: median {np.median(p):.1f} dB, '
           f'1st percentile {np.percentile(p, 1):.1f} dB')
-  print('wrote', write_python_layout(args.out_dir, again, list(label_names)))
+  print('wrote', cifar_files.write(args.out_dir, again, label_names))
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ the official sizes, and check that nothing reaches the workdir on bad input.
 import io
 import json
 import os
+import pickle
 import tarfile
 
 import numpy as np
@@ -217,6 +218,52 @@ def test_labels_out_of_range_are_refused(tmp_path, small):
   with pytest.raises(DataError, match=r'test_batch\.bin has labels in \[\d+, 42\]; cifar10 has '
                                       r'10 classes'):
     cifar_files.load(str(tmp_path), 'cifar10')
+
+
+# ----------------------------------------------------------------------------
+# Writing the official folders (cifar_files.write), checked against this test's
+# own writer and read back.
+
+
+@pytest.mark.parametrize('kind,form', [('pickle', 'cifar-10-batches-py'),
+                                       ('binary', 'cifar-10-batches-bin')])
+def test_write_gives_the_official_folder_that_load_reads_back(tmp_path, small, kind, form):
+  data = small['cifar10']
+  folder = cifar_files.write(tmp_path / 'lib', data, CIFAR10_NAMES, kind=kind)
+  assert folder == str(tmp_path / 'lib' / form)
+  reference = write_form(tmp_path / 'tests', form, data)
+  assert sorted(os.listdir(folder)) == sorted(os.listdir(reference))  # no .tmp left behind
+  for name in os.listdir(reference):
+    ours, theirs = (open(os.path.join(d, name), 'rb').read() for d in (folder, reference))
+    if kind == 'binary':
+      assert ours == theirs, name
+    elif name != 'batches.meta':
+      ours, theirs = pickle.loads(ours, encoding='bytes'), pickle.loads(theirs, encoding='bytes')
+      np.testing.assert_array_equal(ours[b'data'], theirs[b'data'])
+      assert ours[b'labels'] == theirs[b'labels'], name
+  splits, names, _ = cifar_files.load(str(tmp_path / 'lib'), 'cifar10')
+  assert names == tuple(CIFAR10_NAMES)
+  for split in ('train', 'test'):
+    np.testing.assert_array_equal(splits[split][0], data[split][0])
+    np.testing.assert_array_equal(splits[split][1], data[split][1])
+
+
+def test_write_refuses_an_existing_folder_and_data_of_the_wrong_size(tmp_path, small):
+  data = small['cifar10']
+  cifar_files.write(tmp_path, data, CIFAR10_NAMES)
+  before = open(tmp_path / 'cifar-10-batches-py' / 'test_batch', 'rb').read()
+  with pytest.raises(FileExistsError, match='cifar-10-batches-py exists'):
+    cifar_files.write(tmp_path, random_dataset(4, 6, 10, seed=5), CIFAR10_NAMES)
+  assert open(tmp_path / 'cifar-10-batches-py' / 'test_batch', 'rb').read() == before
+  short = {'train': data['train'], 'test': (data['test'][0][:5], data['test'][1][:5])}
+  with pytest.raises(ValueError, match=r"splits\['test'\] images must be uint8 \[6, 32, 32, 3\]"):
+    cifar_files.write(tmp_path / 'other', short, CIFAR10_NAMES)
+  bad_labels = {'train': data['train'], 'test': (data['test'][0], data['test'][1] + 10)}
+  with pytest.raises(ValueError, match=r"needs 6 labels in \[0, 9\]"):
+    cifar_files.write(tmp_path / 'other', bad_labels, CIFAR10_NAMES)
+  with pytest.raises(ValueError, match="kind must be 'pickle' or 'binary'"):
+    cifar_files.write(tmp_path / 'other', data, CIFAR10_NAMES, kind='png')
+  assert not os.path.exists(tmp_path / 'other')
 
 
 # ----------------------------------------------------------------------------

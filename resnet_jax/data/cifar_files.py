@@ -14,11 +14,16 @@ mean what they mean with tfds ('train[:45000]', 'train[45000:]', 'test').
 
 The pickles are read with an unpickler that accepts only the few numpy types
 the official files use, so a file of another kind is refused, never run.
+
+`write` does the reverse for CIFAR-10: it writes images and labels (a modified
+copy, say) as the official python or binary folder, which `load` and every
+CIFAR reader that knows the official files then read.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import tarfile
 
@@ -241,6 +246,65 @@ def load(data_dir, dataset: str = 'cifar10') -> tuple[dict[str, tuple[np.ndarray
     images = flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes -> HWC
     out[split] = (np.ascontiguousarray(images), np.concatenate([p[1] for p in parts]).astype(np.int32))
   return out, _label_names(reader, dataset, num_classes), str(reader.where)
+
+
+def _rows(images: np.ndarray) -> np.ndarray:
+  """uint8 [N, 32, 32, 3] -> the official records: 1024 red, 1024 green, 1024 blue bytes."""
+  return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), _IMAGE_BYTES))
+
+
+def write(out_dir, splits: dict[str, tuple[np.ndarray, np.ndarray]], label_names,
+          kind: str = 'pickle') -> str:
+  """Writes CIFAR-10 `splits` ({'train': (uint8 [50000, 32, 32, 3], labels [50000]),
+  'test': ... [10000]}, in the official order) as OUT_DIR/cifar-10-batches-py/ (kind
+  'pickle') or OUT_DIR/cifar-10-batches-bin/ ('binary'); returns that folder.
+
+  Refuses a folder that exists, and data of the wrong shape, type or range. Each file
+  is written under a temporary name and renamed, so none is ever half-written."""
+  layout = {l.kind: l for l in _LAYOUTS['cifar10']}.get(kind)
+  if layout is None:
+    raise ValueError(f"kind must be 'pickle' or 'binary', not {kind!r}.")
+  label_names = [str(n) for n in label_names]
+  if len(label_names) != 10:
+    raise ValueError(f'CIFAR-10 has 10 label names; got {len(label_names)}.')
+  for split, expected in _SIZES['cifar10'].items():
+    images, labels = splits[split]
+    if images.dtype != np.uint8 or images.shape != (expected, 32, 32, 3):
+      raise ValueError(f"splits['{split}'] images must be uint8 [{expected}, 32, 32, 3] (the "
+                       f'official size); got {images.dtype} {list(images.shape)}.')
+    if len(labels) != expected or np.min(labels) < 0 or np.max(labels) > 9:
+      raise ValueError(f"splits['{split}'] needs {expected} labels in [0, 9].")
+  folder = os.path.join(os.fspath(out_dir), layout.folder)
+  if os.path.exists(folder):
+    raise FileExistsError(f'{folder} exists; write to another out_dir or remove it first.')
+  os.makedirs(folder)
+  files = {}
+  for split, names in layout.files.items():
+    images, labels = splits[split]
+    per_file = len(images) // len(names)
+    for k, name in enumerate(names):
+      rows = slice(per_file * k, per_file * (k + 1))
+      if kind == 'binary':
+        files[name] = np.concatenate([np.asarray(labels[rows], np.uint8)[:, None],
+                                      _rows(images[rows])], axis=1).tobytes()
+      else:
+        files[name] = pickle.dumps(
+            {b'batch_label': name.encode(), b'labels': [int(v) for v in labels[rows]],
+             b'data': _rows(images[rows]),
+             b'filenames': [f'{split}_{per_file * k + i:05d}.png'.encode()
+                            for i in range(per_file)]}, protocol=2)
+  if kind == 'binary':
+    files[layout.meta] = ('\n'.join(label_names) + '\n').encode()
+  else:
+    files[layout.meta] = pickle.dumps({b'label_names': [n.encode() for n in label_names],
+                                       b'num_cases_per_batch': len(splits['test'][0]), b'num_vis': _IMAGE_BYTES},
+                                      protocol=2)
+  for name, payload in files.items():
+    path = os.path.join(folder, name)
+    with open(path + '.tmp', 'wb') as f:
+      f.write(payload)
+    os.replace(path + '.tmp', path)
+  return folder
 
 
 def files_source(config, **kw) -> arrays.ArraySource:
