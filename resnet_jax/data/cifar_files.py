@@ -33,7 +33,6 @@ from resnet_jax.data import arrays, base
 from resnet_jax.data.base import DataError
 
 _IMAGE_BYTES = 32 * 32 * 3
-_PER_BATCH = 10_000  # CIFAR-10 files hold 10,000 images each
 
 
 class _Layout:
@@ -278,32 +277,33 @@ def write(out_dir, splits: dict[str, tuple[np.ndarray, np.ndarray]], label_names
   if os.path.exists(folder):
     raise FileExistsError(f'{folder} exists; write to another out_dir or remove it first.')
   os.makedirs(folder)
-  files = {}
+
+  def put(name, payload):  # under a temporary name, then renamed
+    path = os.path.join(folder, name)
+    with open(path + '.tmp', 'wb') as f:
+      f.write(payload)
+    os.replace(path + '.tmp', path)
+
   for split, names in layout.files.items():
     images, labels = splits[split]
     per_file = len(images) // len(names)
     for k, name in enumerate(names):
       rows = slice(per_file * k, per_file * (k + 1))
       if kind == 'binary':
-        files[name] = np.concatenate([np.asarray(labels[rows], np.uint8)[:, None],
-                                      _rows(images[rows])], axis=1).tobytes()
+        put(name, np.concatenate([np.asarray(labels[rows], np.uint8)[:, None],
+                                  _rows(images[rows])], axis=1).tobytes())
       else:
-        files[name] = pickle.dumps(
+        put(name, pickle.dumps(
             {b'batch_label': name.encode(), b'labels': [int(v) for v in labels[rows]],
              b'data': _rows(images[rows]),
              b'filenames': [f'{split}_{per_file * k + i:05d}.png'.encode()
-                            for i in range(per_file)]}, protocol=2)
+                            for i in range(per_file)]}, protocol=2))
   if kind == 'binary':
-    files[layout.meta] = ('\n'.join(label_names) + '\n').encode()
+    put(layout.meta, ('\n'.join(label_names) + '\n').encode())
   else:
-    files[layout.meta] = pickle.dumps({b'label_names': [n.encode() for n in label_names],
-                                       b'num_cases_per_batch': len(splits['test'][0]), b'num_vis': _IMAGE_BYTES},
-                                      protocol=2)
-  for name, payload in files.items():
-    path = os.path.join(folder, name)
-    with open(path + '.tmp', 'wb') as f:
-      f.write(payload)
-    os.replace(path + '.tmp', path)
+    put(layout.meta, pickle.dumps({b'label_names': [n.encode() for n in label_names],
+                                   b'num_cases_per_batch': len(splits['test'][0]),
+                                   b'num_vis': _IMAGE_BYTES}, protocol=2))
   return folder
 
 
