@@ -58,8 +58,11 @@ def _params(n: int) -> str:
 
 
 def _notes(g: Group) -> str:
+  notes = [f'training images: {g.data_origin}'] if g.data_digest else []
   reasons = g.demonstration_reasons()
-  return f"**DEMONSTRATION**: {', '.join(reasons)}" if reasons else ''
+  if reasons:
+    notes.append(f"**DEMONSTRATION**: {', '.join(reasons)}")
+  return '; '.join(notes)
 
 
 def cifar_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
@@ -75,6 +78,7 @@ def cifar_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
     rows.append(dict(
         method='ResNet' if g.residual else 'plain', model=g.model, depth=g.depth,
         params=int(g.runs[0].result['params']), runs=len(g.runs), data=g.data, steps=g.steps,
+        data_digest=g.data_digest or None,
         best=float(errors.min()) if len(errors) else None,
         mean=float(errors.mean()) if len(errors) else None,
         std=float(errors.std(ddof=1)) if len(errors) > 1 else None,

@@ -47,6 +47,31 @@ class RunRecord:
   def config(self) -> dict[str, Any]:
     return self.result.get('config') or {}
 
+  @property
+  def data_digest(self) -> str:
+    """The digest of the training images ('' where unknown: tfds, or an older run).
+
+    result.json records it as 'train_data'; runs finished before it did are read
+    from their newest checkpoint's metadata, which has always recorded it.
+    """
+    digest = (self.result.get('train_data') or {}).get('digest')
+    if digest:
+      return str(digest)
+    root = os.path.join(self.workdir, 'checkpoints')
+    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()),
+                   reverse=True) if os.path.isdir(root) else []
+    for step in steps:
+      try:
+        with open(os.path.join(root, str(step), 'meta', 'metadata')) as f:
+          return str(json.load(f).get('fingerprint', {}).get('data.train.digest') or '')
+      except (OSError, ValueError):
+        continue
+    return ''
+
+  @property
+  def data_dir(self) -> str:
+    return str((self.config.get('data') or {}).get('data_dir') or '')
+
 
 def load_run(workdir: str) -> RunRecord:
   """The run in `workdir` (which must hold result.json)."""
@@ -98,6 +123,14 @@ class Group:
   batch_size: int
   ten_crop: bool
   runs: list[RunRecord]
+  data_digest: str = ''  # set where runs of one name, steps and batch read different images
+
+  @property
+  def data_origin(self) -> str:
+    """Where the training images came from: 'cifar10_q75x2 (digest 3f2a9c1e)'."""
+    folder = os.path.basename(self.runs[0].data_dir.rstrip('/')) if self.runs else ''
+    digest = f'digest {self.data_digest[:8]}' if self.data_digest else 'digest unknown'
+    return f'{folder} ({digest})' if folder else digest
 
   @property
   def family(self) -> str:
@@ -135,28 +168,50 @@ class Group:
 
 
 def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
-  """Runs grouped by experiment (model, shortcut, data, schedule, evaluation), seeds sorted."""
-  groups: dict[tuple, Group] = {}
+  """Runs grouped by experiment (model, shortcut, data, schedule, evaluation), seeds sorted.
+
+  Runs that read different training images (their digests differ, as for the
+  JPEG copy of CIFAR-10 and a recompressed copy of it) are different
+  experiments even where the dataset's name is the same. A run whose digest is
+  unknown (tfds, or no checkpoint left) joins the group of the known digest
+  when there is only one.
+  """
+  by_key: dict[tuple, list[RunRecord]] = {}
   for r in runs:
     c = r.config
     key = (r.result['model'], c.get('model', {}).get('shortcut', 'A'), r.result.get('data', ''),
            bool(r.result.get('synthetic')), int(r.result['steps']),
            int(r.result.get('batch_size') or c.get('batch_size', 0)),
            bool(c.get('data', {}).get('ten_crop', False)))
-    if key not in groups:
-      groups[key] = Group(*key, runs=[])
-    groups[key].runs.append(r)
-  for g in groups.values():
-    g.runs.sort(key=lambda r: (r.result.get('seed', 0), r.workdir))
-  return sorted(groups.values(), key=lambda g: (g.family != 'cifar', not g.residual, g.depth,
-                                                 g.shortcut, g.data, g.steps))
+    by_key.setdefault(key, []).append(r)
+  groups = []
+  for key, members in by_key.items():
+    digests = [r.data_digest for r in members]
+    known = set(d for d in digests if d)
+    parts: dict[str, list[RunRecord]] = {}
+    for r, d in zip(members, digests):
+      parts.setdefault(d if len(known) > 1 else '', []).append(r)
+    for digest, rs in parts.items():
+      rs.sort(key=lambda r: (r.result.get('seed', 0), r.workdir))
+      groups.append(Group(*key, runs=rs, data_digest=digest))
+  return sorted(groups, key=lambda g: (g.family != 'cifar', not g.residual, g.depth,
+                                       g.shortcut, g.data, g.steps, g.data_digest))
 
 
 def group_labels(groups: Sequence[Group]) -> dict[int, str]:
-  """Display label of each group: its name, with data and steps where names repeat."""
+  """Display label of each group: its name, with data and steps where names repeat, and
+  where those repeat too, the folder and digest of the training images."""
   names = [g.name for g in groups]
-  return {id(g): g.name if names.count(g.name) == 1 else f'{g.name} ({g.data}, {g.steps} steps)'
-          for g in groups}
+  same = [(g.name, g.data, g.steps) for g in groups]
+  labels = {}
+  for g in groups:
+    if names.count(g.name) == 1:
+      labels[id(g)] = g.name
+    elif same.count((g.name, g.data, g.steps)) == 1:
+      labels[id(g)] = f'{g.name} ({g.data}, {g.steps} steps)'
+    else:
+      labels[id(g)] = f'{g.name} ({g.data} from {g.data_origin}, {g.steps} steps)'
+  return labels
 
 
 def demonstration_label(groups: Sequence[Group]) -> str:

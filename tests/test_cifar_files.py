@@ -306,6 +306,13 @@ def test_training_from_each_official_form_through_the_command_line(tmp_path, for
   assert (last['step'], last['validation_split'], last['validation_examples']) == (
       2, 'train[49984:]', 16)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  # result.json names the training images as the checkpoint does (what a resume checks),
+  # so that a report keeps runs on different copies of CIFAR-10 apart.
+  meta = json.loads((workdir / 'checkpoints' / '2' / 'meta' / 'metadata').read_text())
+  assert result['train_data'] == {'examples': meta['fingerprint']['data.train.examples'],
+                                  'digest': meta['fingerprint']['data.train.digest']}
+  assert result['train_data']['examples'] == 45_000
+  assert len(result['train_data']['digest']) == 24
 
 
 def _bad_data(root, kind):

@@ -41,6 +41,9 @@ def test_two_seeds_together_are_each_seeds_own_run(tmp_path):
     assert loading.checkpoint_info(r.workdir)['step'] == 4
   seed1 = [r for r in finished if r.result['seed'] == 1][0]
   assert seed1.result['test_error'] == pytest.approx(alone_result['test_error'], abs=0.6)
+  # Both seeds read the same images, and say so: one experiment in the report.
+  assert [r.result['train_data'] for r in finished] == [alone_result['train_data']] * 2
+  assert len(report.group_runs(finished)) == 1
   # The checkpoints hold each seed's own weights: seed 1's are those of its run alone.
   expected = jax.tree.leaves(parallel.fetch(alone_result['state'].params))
   loaded = [jax.tree.leaves(loading.load_variables(r.workdir)['params']) for r in runs]

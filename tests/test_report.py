@@ -198,6 +198,47 @@ def test_full_cifar_runs_are_compared_with_the_paper():
   assert 'DEMONSTRATION' not in table
 
 
+def _on_data(record, digest, data_dir):
+  if digest:
+    record.result['train_data'] = {'examples': 45_000, 'digest': digest}
+  record.result['config']['data']['data_dir'] = data_dir
+  record.workdir += '/' + os.path.basename(data_dir)
+  return record
+
+
+def test_runs_on_different_images_of_one_dataset_are_separate_rows(tmp_path):
+  """The JPEG copy and a recompressed copy are both 'cifar10': their digests keep them apart."""
+  copy = _on_data(_record('cifar_resnet20', 0, 14.57, steps=12_000), 'a267a72b8d12', '/d/cifar10')
+  again = _on_data(_record('cifar_resnet20', 0, 15.80, steps=12_000), '5e0c11f9aa03',
+                   '/d/cifar10_q75x2/')
+  # An older run without the digest in result.json: read from its checkpoint's metadata.
+  older = _on_data(_record('cifar_resnet20', 1, 14.99, steps=12_000), '', '/d/cifar10')
+  older.workdir = str(tmp_path / 'older')
+  os.makedirs(tmp_path / 'older' / 'checkpoints' / '12000' / 'meta')
+  os.makedirs(tmp_path / 'older' / 'checkpoints' / 'tmp')
+  with open(tmp_path / 'older' / 'checkpoints' / '12000' / 'meta' / 'metadata', 'w') as f:
+    json.dump({'step': 12000, 'fingerprint': {'data.train.digest': 'a267a72b8d12'}}, f)
+
+  groups = report.group_runs([again, older, copy])
+  assert [(g.data_digest, [r.result['seed'] for r in g.runs]) for g in groups] == [
+      ('5e0c11f9aa03', [0]), ('a267a72b8d12', [0, 1])]
+  labels = report.group_labels(groups)
+  assert [labels[id(g)] for g in groups] == [
+      'ResNet-20 (cifar10 from cifar10_q75x2 (digest 5e0c11f9), 12000 steps)',
+      'ResNet-20 (cifar10 from cifar10 (digest a267a72b), 12000 steps)']
+  rows = [l for l in report.cifar_table(groups).splitlines() if l.startswith('| ResNet | 20 |')]
+  assert len(rows) == 2
+  assert '| 1 | 15.80 |' in rows[0] and 'training images: cifar10_q75x2 (digest 5e0c11f9)' in rows[0]
+  assert '| 2 | 14.57 (14.78 \u00b1 0.30) |' in rows[1]
+
+  # One known digest: a run without one (tfds) is the same experiment, as before.
+  tfds_run = _on_data(_record('cifar_resnet20', 2, 15.0, steps=12_000), '', '')
+  groups = report.group_runs([copy, tfds_run])
+  assert len(groups) == 1 and groups[0].data_digest == ''
+  assert report.group_labels(groups)[id(groups[0])] == 'ResNet-20'
+  assert 'training images' not in report.cifar_table(groups)
+
+
 def test_short_cifar_runs_are_demonstrations():
   groups = report.group_runs([_record('cifar_resnet56', 0, 7.0, steps=32_000)])
   label = report.demonstration_label(groups)

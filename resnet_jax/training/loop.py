@@ -302,6 +302,7 @@ def _train_and_evaluate(config, workdir: str, source: Any, stop: _StopSignals,
   result = {
       'model': config.model.name, 'params': int(num_params), 'steps': num_steps,
       'seed': config.seed, 'batch_size': config.batch_size, **data_tag,
+      'train_data': ckpt.data_fingerprint,
       'test_error': eval_results.get('test_error'),
       'test_top5_error': eval_results.get('test_top5_error'),
       'test_examples': eval_results.get('test_examples'),

@@ -208,7 +208,7 @@ def train_seeds(configs: Sequence[Any], workdirs: Sequence[str]) -> list[dict[st
     e = evals[i]
     result = {
         'model': c.model.name, 'params': int(num_params), 'steps': num_steps, 'seed': c.seed,
-        'batch_size': c.batch_size, **data_tag,
+        'batch_size': c.batch_size, **data_tag, 'train_data': ckpts[i].data_fingerprint,
         'test_error': e.get('test_error'), 'test_top5_error': e.get('test_top5_error'),
         'test_examples': e.get('test_examples'),
         'final_validation_error': e.get('validation_error'), 'best_validation_error': best[i],
