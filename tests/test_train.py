@@ -87,6 +87,22 @@ def test_train_and_evaluate_writes_documented_files_and_compiles_each_step_once(
   assert json.load(open(tmp_path / 'config.json'))['model']['name'] == 'cifar_resnet20'
 
 
+def test_result_names_the_commit_checked_out_when_the_run_started(tmp_path, monkeypatch):
+  """A long run records the code it imported, not a commit made while it trained."""
+  def fake_git(args, **kwargs):
+    del kwargs
+    started = not (tmp_path / 'metrics.jsonl').exists()
+    out = ('a' * 40 if started else 'b' * 40) if 'rev-parse' in args else ''
+    return subprocess.CompletedProcess(args, 0, stdout=out + '\n', stderr='')
+  loop._git_commit.cache_clear()
+  monkeypatch.setattr(loop.subprocess, 'run', fake_git)
+  try:
+    loop.train_and_evaluate(_tiny_config(), str(tmp_path))
+  finally:
+    loop._git_commit.cache_clear()
+  assert json.load(open(tmp_path / 'result.json'))['git_commit'] == 'a' * 40
+
+
 def test_train_and_evaluate_on_tfds_cifar10(tmp_path):
   """The real tfds loading code, on tfds's mock data."""
   config = _tiny_config(num_train_steps=4, eval_every_steps=4, log_every_steps=2)

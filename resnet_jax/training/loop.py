@@ -8,6 +8,7 @@ logging and checkpoints on fixed step boundaries, and write result.json.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -88,7 +89,10 @@ def _versions() -> dict[str, str]:
   return out
 
 
+@functools.cache
 def _git_commit() -> str | None:
+  """The commit of the code this process runs: read once, when a run starts (a run of
+  hours must not record the commit checked out when it ends)."""
   try:
     here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
@@ -166,6 +170,7 @@ def train_and_evaluate(config, workdir: str, *, source: Any = None) -> dict[str,
 def _train_and_evaluate(config, workdir: str, source: Any, stop: _StopSignals,
                         cleanup: contextlib.ExitStack) -> dict[str, Any]:
   start_time = time.time()
+  _git_commit()  # the code this process imported, not what is checked out at the end
   run = build_lib.build(config, source=source)
   source, num_steps = run.source, run.num_steps
   lead = jax.process_index() == 0

@@ -71,6 +71,7 @@ def _stacked(trees: Sequence[Any]) -> Any:
 def train_seeds(configs: Sequence[Any], workdirs: Sequence[str]) -> list[dict[str, Any]]:
   """Trains the seeds of `configs` together; returns each seed's result (as train_and_evaluate)."""
   start_time = time.time()
+  loop._git_commit()  # pylint: disable=protected-access  # read at the start: see there
   check_configs(configs)
   if len(configs) != len(workdirs):
     raise ValueError(f'{len(configs)} configs but {len(workdirs)} workdirs.')
