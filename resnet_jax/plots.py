@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -50,8 +51,12 @@ def plot_training_curves(runs: Sequence[RunRecord | Group], path: str | None = N
   top = 0.0
   for ax, residual in zip(axes, (False, True)):
     chosen = [g for g in groups if g.residual == residual]
+    used = set()
     for i, g in enumerate(chosen):
       colour = _colour(g.depth, i)
+      if colour in used:  # one depth on two datasets or schedules: another colour
+        colour = _colour(-1, i)
+      used.add(colour)
       steps, train_err = _mean_curve(g.runs, 'train_error')
       ax.plot(steps, train_err, '--', color=colour, linewidth=1)
       steps_t, test_err = _mean_curve(g.runs, 'test_error')
@@ -67,8 +72,10 @@ def plot_training_curves(runs: Sequence[RunRecord | Group], path: str | None = N
       ax.text(0.5, 0.5, 'no runs', ha='center', va='center', transform=ax.transAxes)
   axes[0].set_ylabel('error (%)')
   axes[0].set_ylim(0, min(100.0, top * 1.1) if top > 0 else 100.0)
-  fig.suptitle(title if title is not None else figure_title(groups, 'dashed: training error, '
-                                                             'bold: test error'), fontsize=10)
+  title = title if title is not None else figure_title(groups, 'dashed: training error, '
+                                                       'bold: test error')
+  fig.suptitle('\n'.join(w for line in title.splitlines() for w in textwrap.wrap(line, 150) or ['']),
+               fontsize=10)
   if path:
     fig.savefig(path)
   return fig

@@ -230,6 +230,9 @@ def test_runs_on_different_images_of_one_dataset_are_separate_rows(tmp_path):
   assert len(rows) == 2
   assert '| 1 | 15.80 |' in rows[0] and 'training images: cifar10_q75x2 (digest 5e0c11f9)' in rows[0]
   assert '| 2 | 14.57 (14.78 \u00b1 0.30) |' in rows[1]
+  fig = report.plot_training_curves(groups)
+  bold = [l for l in fig.axes[1].get_lines() if l.get_linestyle() == '-']
+  assert len(bold) == 2 and bold[0].get_color() != bold[1].get_color()
 
   # One known digest: a run without one (tfds) is the same experiment, as before.
   tfds_run = _on_data(_record('cifar_resnet20', 2, 15.0, steps=12_000), '', '')
