@@ -57,16 +57,12 @@ class RunRecord:
     digest = (self.result.get('train_data') or {}).get('digest')
     if digest:
       return str(digest)
-    root = os.path.join(self.workdir, 'checkpoints')
-    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()),
-                   reverse=True) if os.path.isdir(root) else []
-    for step in steps:
-      try:
-        with open(os.path.join(root, str(step), 'meta', 'metadata')) as f:
-          return str(json.load(f).get('fingerprint', {}).get('data.train.digest') or '')
-      except (OSError, ValueError):
-        continue
-    return ''
+    from resnet_jax.weights import loading  # pylint: disable=g-import-not-at-top
+    try:  # the newest complete, readable checkpoint
+      fingerprint = loading.checkpoint_info(self.workdir)['fingerprint']
+    except (OSError, ValueError, KeyError, loading.CheckpointError):
+      return ''
+    return str(fingerprint.get('data.train.digest') or '')
 
   @property
   def data_dir(self) -> str:

@@ -16,6 +16,7 @@ import pytest
 
 from resnet_jax import report
 from resnet_jax import sweep
+from resnet_jax.weights import loading
 
 _SETTINGS = ['num_train_steps=6', 'batch_size=16', 'eval_batch_size=360', 'eval_every_steps=3',
              'log_every_steps=2', 'checkpoint_every_steps=6', 'lr_boundaries_steps=()',
@@ -214,10 +215,11 @@ def test_runs_on_different_images_of_one_dataset_are_separate_rows(tmp_path):
   # An older run without the digest in result.json: read from its checkpoint's metadata.
   older = _on_data(_record('cifar_resnet20', 1, 14.99, steps=12_000), '', '/d/cifar10')
   older.workdir = str(tmp_path / 'older')
-  os.makedirs(tmp_path / 'older' / 'checkpoints' / '12000' / 'meta')
-  os.makedirs(tmp_path / 'older' / 'checkpoints' / 'tmp')
-  with open(tmp_path / 'older' / 'checkpoints' / '12000' / 'meta' / 'metadata', 'w') as f:
-    json.dump({'step': 12000, 'fingerprint': {'data.train.digest': 'a267a72b8d12'}}, f)
+  loading.write_inference_checkpoint(
+      str(tmp_path / 'older' / 'checkpoints' / '12000'),
+      {'params': {'w': np.zeros(2, np.float32)}, 'batch_stats': {'m': np.zeros(1, np.float32)}},
+      'cifar_resnet20', {}, extra_meta={'step': 12000,
+                                        'fingerprint': {'data.train.digest': 'a267a72b8d12'}})
 
   groups = report.group_runs([again, older, copy])
   assert [(g.data_digest, [r.result['seed'] for r in g.runs]) for g in groups] == [
