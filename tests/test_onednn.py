@@ -1,7 +1,9 @@
 """The oneDNN/OpenMP convolutions and BatchNorm compute what XLA computes, and 'auto' picks them only where they run."""
 
+import os
 import platform
 import shutil
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -142,3 +144,44 @@ def test_missing_library_names_the_fix(monkeypatch, tmp_path):
   monkeypatch.setattr(onednn, '_prefixes', lambda: [tmp_path])
   with pytest.raises(onednn.OneDNNUnavailable, match='pip install .onednn-cpu-gomp'):
     onednn._find_onednn()
+
+
+_THREADS = r'''
+import threading
+import jax, jax.numpy as jnp, numpy as np
+from resnet_jax.kernels import onednn
+PAD = ((1, 1), (1, 1))
+def case(n):  # a deep-stage 3x3 convolution (2x2 positions), whose kernel gradient is im2col+gemm
+  x = jax.random.normal(jax.random.key(n), (n, 2, 2, 128))
+  k = jax.random.normal(jax.random.key(99), (3, 3, 128, 128)) * 0.1
+  loss = lambda conv: lambda x, k: jnp.sum(conv(x, k) ** 2)
+  xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), PAD,
+                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = lambda x, k: onednn.conv2d(x, k, (1, 1), PAD)
+  return jax.jit(jax.grad(loss(ours), (0, 1))), jax.jit(jax.grad(loss(xla), (0, 1))), x, k
+cases = [case(n) for n in range(1, 9)]
+errors = []
+def run(i, rounds):
+  ours, xla, x, k = cases[i]
+  for _ in range(rounds):
+    for a, b in zip(ours(x, k), xla(x, k)):
+      errors.append(float(np.abs(np.asarray(a) - b).max() / np.abs(np.asarray(b)).max()))
+for rounds, order in ((1, range(8)), (3, reversed(range(8)))):
+  threads = [threading.Thread(target=run, args=(i, rounds)) for i in order]
+  for t in threads: t.start()
+  for t in threads: t.join()
+print('largest relative error', max(errors), 'of', len(errors))
+'''
+
+
+def test_convolutions_made_in_one_thread_run_in_any_other():
+  """XLA runs a custom call on whichever of its threads is free, not the one that made the
+  primitive. With oneDNN's default (per-thread) scratchpad, an im2col kernel gradient then
+  wrote past a scratchpad sized for another thread and segfaulted (3 runs in 3); ours
+  passes each primitive its scratchpad. In a subprocess, so that a crash fails only this test."""
+  _require_onednn()
+  out = subprocess.run([sys.executable, '-c', _THREADS], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600, check=False)
+  assert out.returncode == 0, f'exit status {out.returncode}: {out.stderr[-2000:]}'
+  words = out.stdout.split()
+  assert words[-1] == '64' and float(words[-3]) < 1e-4, out.stdout

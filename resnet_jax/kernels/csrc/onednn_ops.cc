@@ -8,13 +8,18 @@
 // blocked layout on every call (KBs to a few MB, negligible next to the work).
 //
 // Primitives are created once per (operation, shape, stride, padding) and kept
-// in a process-wide cache; executing a oneDNN primitive is thread-safe.
+// in a process-wide cache. XLA calls them from whichever of its threads runs
+// the op, not the one that created them, so their scratchpads are ours to
+// give (scratchpad_mode::user): oneDNN's default "global" scratchpad belongs
+// to the creating thread and is too small or missing on another, where an
+// im2col convolution then writes past it (seen as a segfault in im2col_dt).
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -57,6 +62,36 @@ ffi::Error Guarded(F&& f) {
 
 memory Wrap(const memory::desc& md, void* data) { return memory(md, Engine(), data); }
 
+// Primitive attributes: we pass the scratchpad (see the top of this file).
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// One scratchpad buffer for every primitive, grown as needed. Only used under
+// run_mu, so by one call at a time.
+void* scratch_buffer = nullptr;
+size_t scratch_capacity = 0;
+
+// Makes the buffer hold at least `bytes` (a reallocation invalidates earlier
+// Scratchpad() memories, so reserve before making them).
+void ReserveScratchpad(size_t bytes) {
+  if (bytes <= scratch_capacity) return;
+  std::free(scratch_buffer);
+  scratch_capacity = (bytes + 4095) / 4096 * 4096;
+  scratch_buffer = std::aligned_alloc(4096, scratch_capacity);
+  if (scratch_buffer == nullptr) {
+    scratch_capacity = 0;
+    throw dnnl::error(dnnl_out_of_memory, "cannot allocate the convolution scratchpad");
+  }
+}
+
+memory Scratchpad(const memory::desc& md) {
+  ReserveScratchpad(md.get_size());
+  return Wrap(md, scratch_buffer);
+}
+
 // ---- Convolution ------------------------------------------------------------
 
 struct Geometry {
@@ -83,37 +118,44 @@ struct Geometry {
 // between that layout and HWIO (none when oneDNN already wants HWIO).
 struct ConvEntry {
   dnnl::primitive conv;
-  memory::desc wei_md;
+  memory::desc wei_md, scratch_md;
   bool needs_reorder = false;
   dnnl::reorder reorder;
+  memory::desc reorder_scratch_md;
 };
 
 std::shared_ptr<ConvEntry> MakeConv(const Geometry& g) {
   const memory::dims strides = {g.sh, g.sw}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
   const auto direct = dnnl::algorithm::convolution_direct;
+  const dnnl::primitive_attr attr = UserScratchpad();
   auto e = std::make_shared<ConvEntry>();
   auto fwd = dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, direct, g.Src(), g.Wei(tag::any), g.Dst(),
-      strides, pad_l, pad_r);
+      strides, pad_l, pad_r, attr);
   if (g.kind == 'f') {
     e->conv = dnnl::convolution_forward(fwd);
     e->wei_md = fwd.weights_desc();
+    e->scratch_md = fwd.scratchpad_desc();
   } else if (g.kind == 'd') {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
-        Engine(), direct, g.Src(), g.Wei(tag::any), g.Dst(), strides, pad_l, pad_r, fwd);
+        Engine(), direct, g.Src(), g.Wei(tag::any), g.Dst(), strides, pad_l, pad_r, fwd, attr);
     e->conv = dnnl::convolution_backward_data(pd);
     e->wei_md = pd.weights_desc();
+    e->scratch_md = pd.scratchpad_desc();
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        Engine(), direct, g.Src(), g.Wei(tag::any), g.Dst(), strides, pad_l, pad_r, fwd);
+        Engine(), direct, g.Src(), g.Wei(tag::any), g.Dst(), strides, pad_l, pad_r, fwd, attr);
     e->conv = dnnl::convolution_backward_weights(pd);
     e->wei_md = pd.diff_weights_desc();
+    e->scratch_md = pd.scratchpad_desc();
   }
   e->needs_reorder = e->wei_md != g.Wei();
   if (e->needs_reorder) {
     const bool out = g.kind == 'w';  // the kernel gradient leaves oneDNN's layout
-    e->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-        Engine(), out ? e->wei_md : g.Wei(), Engine(), out ? g.Wei() : e->wei_md));
+    auto pd = dnnl::reorder::primitive_desc(
+        Engine(), out ? e->wei_md : g.Wei(), Engine(), out ? g.Wei() : e->wei_md, attr);
+    e->reorder = dnnl::reorder(pd);
+    e->reorder_scratch_md = pd.scratchpad_desc();
   }
   return e;
 }
@@ -139,17 +181,26 @@ void RunConv(const Geometry& g, void* src, void* wei, void* dst) {
   dnnl::stream stream(Engine());
   memory src_m = Wrap(g.Src(), src), dst_m = Wrap(g.Dst(), dst), user_w = Wrap(g.Wei(), wei);
   memory wei_m = e->needs_reorder ? memory(e->wei_md, Engine()) : user_w;
+  auto reorder = [&](memory& from, memory& to) {
+    e->reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                {DNNL_ARG_SCRATCHPAD, Scratchpad(e->reorder_scratch_md)}});
+    stream.wait();  // the next primitive may use the same scratchpad buffer
+  };
+  ReserveScratchpad(std::max(e->scratch_md.get_size(), e->reorder_scratch_md.get_size()));
+  const memory scratch = Scratchpad(e->scratch_md);
   if (g.kind == 'f') {
-    if (e->needs_reorder) e->reorder.execute(stream, user_w, wei_m);
-    e->conv.execute(stream, {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, wei_m}, {DNNL_ARG_DST, dst_m}});
+    if (e->needs_reorder) reorder(user_w, wei_m);
+    e->conv.execute(stream, {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, wei_m}, {DNNL_ARG_DST, dst_m},
+                             {DNNL_ARG_SCRATCHPAD, scratch}});
   } else if (g.kind == 'd') {
-    if (e->needs_reorder) e->reorder.execute(stream, user_w, wei_m);
+    if (e->needs_reorder) reorder(user_w, wei_m);
     e->conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src_m}, {DNNL_ARG_WEIGHTS, wei_m},
-                             {DNNL_ARG_DIFF_DST, dst_m}});
+                             {DNNL_ARG_DIFF_DST, dst_m}, {DNNL_ARG_SCRATCHPAD, scratch}});
   } else {
     e->conv.execute(stream, {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_DIFF_WEIGHTS, wei_m},
-                             {DNNL_ARG_DIFF_DST, dst_m}});
-    if (e->needs_reorder) e->reorder.execute(stream, wei_m, user_w);
+                             {DNNL_ARG_DIFF_DST, dst_m}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    stream.wait();
+    if (e->needs_reorder) reorder(wei_m, user_w);
   }
   stream.wait();
 }
